@@ -1,0 +1,185 @@
+"""Interventions on the residual stream: ablation and addition hooks, and weight orthogonalization."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .architectures import Architecture, Param, get, hidden_size, layers, post_norm_gain
+
+
+def unit(vector: torch.Tensor) -> torch.Tensor:
+    """The vector scaled to length one, in float64."""
+    vector = vector.detach().double()
+    return vector / vector.norm()
+
+
+def writer_directions(model: nn.Module, arch: Architecture, direction: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per layer and writer, the direction to remove from that writer's output.
+
+    A writer followed by a norm (out = g * y / rms(y)) has no component along r exactly when y has
+    none along g*r, so the edit there uses the gain-scaled direction.
+    """
+    r = unit(direction)
+    size = hidden_size(model)
+    result = []
+    for layer in layers(model, arch):
+        per_writer = []
+        for writer in arch.writers:
+            if writer.post_norm is None:
+                per_writer.append(r)
+            else:
+                gain = post_norm_gain(get(layer, writer.post_norm), size).to(r.device)
+                per_writer.append(unit(gain * r))
+        result.append(per_writer)
+    return result
+
+
+def _project_out(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    u = u.to(device=x.device, dtype=x.dtype)
+    return x - scale * (x @ u).unsqueeze(-1) * u
+
+
+def _edit_first(output, fn):
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
+@contextlib.contextmanager
+def add_hooks(pre_hooks: list, post_hooks: list) -> Iterator[None]:
+    """Register (module, fn) forward pre-hooks and forward hooks; remove them all on exit."""
+    handles = []
+    try:
+        for module, fn in pre_hooks:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        for module, fn in post_hooks:
+            handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _input_hook(edit):
+    def hook(module, args, kwargs):
+        if args:
+            return (edit(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
+    return hook
+
+
+def _output_hook(edit):
+    def hook(module, args, output):
+        return _edit_first(output, edit)
+
+    return hook
+
+
+@contextlib.contextmanager
+def ablation(model: nn.Module, arch: Architecture, direction: torch.Tensor, scale: float = 1.0) -> Iterator[None]:
+    """Project the direction out of the residual stream while the context is open.
+
+    Edits the embeddings' output, the input of every layer and every writer's output, so the
+    result equals the weight edit exactly; the model is unchanged on exit.
+    """
+    r = unit(direction)
+    per_layer = writer_directions(model, arch, direction)
+    pre, post = [], []
+    for name in arch.embeddings:
+        post.append((get(model, name), _output_hook(lambda x: _project_out(x, r, scale))))
+    for layer, directions in zip(layers(model, arch), per_layer):
+        if scale == 1.0:  # a full projection is idempotent; a partial one would compound per layer
+            pre.append((layer, _input_hook(lambda x: _project_out(x, r))))
+        for writer, u in zip(arch.writers, directions):
+            post.append((get(layer, writer.output), _output_hook(lambda x, u=u: _project_out(x, u, scale))))
+    with add_hooks(pre, post):
+        yield
+
+
+@contextlib.contextmanager
+def addition(model: nn.Module, arch: Architecture, vector: torch.Tensor, layer: int) -> Iterator[None]:
+    """Add a vector to the residual stream at the input of one layer, at every position."""
+    vec = vector.detach()
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        return x + vec.to(device=x.device, dtype=x.dtype)
+
+    with add_hooks([(layers(model, arch)[layer], _input_hook(add))], []):
+        yield
+
+
+def untie_embeddings(model: nn.Module) -> bool:
+    """Give the output head its own copy of tied embeddings, so editing one leaves the other."""
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    if tied:
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    return tied
+
+
+def _residual_params(module: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, residual axis) for a module that writes to the residual stream."""
+    if isinstance(module, nn.Embedding):
+        return [(module.weight, 1)]
+    if isinstance(module, Conv1D):  # GPT-2 stores (in, out)
+        return [(module.weight, 1)] + ([(module.bias, 0)] if module.bias is not None else [])
+    if isinstance(module, nn.Linear):
+        return [(module.weight, 0)] + ([(module.bias, 0)] if module.bias is not None else [])
+    raise TypeError(f"don't know how {type(module).__name__} writes to the residual stream")
+
+
+def _resolve_weights(root: nn.Module, spec: str | Param) -> list[tuple[torch.Tensor, int]]:
+    if isinstance(spec, Param):
+        return [(get(root, spec.path), spec.axis)]
+    return _residual_params(get(root, spec))
+
+
+@torch.no_grad()
+def remove_component_(tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: float = 1.0, chunk: int = 8192) -> None:
+    """In place: t <- t - scale * u (u . t) along `axis`, computed in float64 in chunks."""
+    u = u.to(tensor.device)
+    shape = [1] * tensor.ndim
+    shape[axis] = -1
+    u_shaped = u.view(shape)
+    chunk_dim = 0 if axis != 0 else 1
+    if tensor.ndim == 1:
+        parts = [tensor]
+    else:
+        parts = [tensor.narrow(chunk_dim, s, min(chunk, tensor.shape[chunk_dim] - s)) for s in range(0, tensor.shape[chunk_dim], chunk)]
+    for part in parts:
+        exact = part.double()
+        coeff = torch.tensordot(exact, u, dims=([axis], [0])).unsqueeze(axis)
+        part.copy_(exact - scale * coeff * u_shaped)
+
+
+def orthogonalize(model: nn.Module, arch: Architecture, direction: torch.Tensor, scale: float = 1.0) -> list[str]:
+    """Edit every residual-stream writer so its output has no component along the direction.
+
+    scale=1 removes the component; scale<0 strengthens it (refusal induction). Returns the names
+    of the edited tensors. Tied embeddings are untied first.
+    """
+    untie_embeddings(model)
+    r = unit(direction)
+    names = {id(p): n for n, p in model.named_parameters()}
+    edited = []
+    for name in arch.embeddings:
+        for tensor, axis in _residual_params(get(model, name)):
+            remove_component_(tensor, axis, r, scale)
+            edited.append(names.get(id(tensor), name))
+    for layer, directions in zip(layers(model, arch), writer_directions(model, arch, direction)):
+        for writer, u in zip(arch.writers, directions):
+            for spec in writer.weights:
+                for tensor, axis in _resolve_weights(layer, spec):
+                    remove_component_(tensor, axis, u, scale)
+                    edited.append(names.get(id(tensor), str(spec)))
+    return edited

@@ -1,0 +1,262 @@
+"""Load a model and tokenizer from a built-in name, an HF folder, a GGUF file or a hub id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from . import offline
+from .architectures import Architecture, architecture_for
+from .errors import AbliterateError
+
+log = logging.getLogger(__name__)
+
+SourceKind = Literal["builtin", "folder", "gguf", "hub"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved from what the user typed."""
+
+    spec: str
+    kind: SourceKind
+    path: Path | None = None  # folder to load from (for gguf: the folder holding the file)
+    gguf_file: str | None = None
+    base_model: str | None = None  # hub id of the original model, for the card
+    license: str | None = None
+    sha256: str | None = None  # of the GGUF file, where there is one
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for forward passes, with what the later stages need to know about it."""
+
+    model: nn.Module
+    tokenizer: object
+    source: ModelSource
+    arch: Architecture
+    source_dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embeddings (where inputs go)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with a one-line error if a file is not a complete GGUF."""
+    import gguf
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise AbliterateError(f"{path} is not a GGUF file (bad magic bytes); pass a .gguf model file")
+    try:
+        reader = gguf.GGUFReader(path)
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise ValueError("tensor data runs past the end of the file")
+    except Exception as exc:  # gguf raises many kinds of errors on a damaged file
+        raise AbliterateError(f"{path} is a corrupt or truncated GGUF ({exc}); download it again") from None
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a model argument into a ModelSource without loading anything."""
+    if spec in offline.BUILTIN_MODELS:
+        m = offline.BUILTIN_MODELS[spec]
+        return ModelSource(spec, "builtin", offline.model_dir(m), m.gguf_name, m.hub_id, m.license, m.sha256)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise AbliterateError(f"GGUF file {path} does not exist; check the path")
+        check_gguf(path)
+        return ModelSource(spec, "gguf", path.parent.resolve(), path.name, sha256=offline.sha256_file(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise AbliterateError(f"{path} has no config.json; pass a Hugging Face model folder, a .gguf file or a model name")
+        base = _base_model_of(path)
+        return ModelSource(spec, "folder", path.resolve(), base_model=base)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    if looks_like_path:
+        names = ", ".join(offline.BUILTIN_MODELS)
+        raise AbliterateError(f"model '{spec}' is neither a local path nor a built-in model ({names}) nor a hub id (owner/name)")
+    return ModelSource(spec, "hub", base_model=spec)
+
+
+def _base_model_of(folder: Path) -> str | None:
+    """A folder we wrote records its base model in abliteration.json; others may name it in config."""
+    record = folder / "abliteration.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get("model", {}).get("base_model")
+    name = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    return name if name and name.count("/") == 1 and not Path(name).exists() else None
+
+
+def pick_device(device: str) -> str:
+    """'auto' means CUDA, then MPS, then CPU."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' computes in float32 on CPU (exact and fast enough) and bfloat16 on accelerators."""
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise AbliterateError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(
+    spec: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    progress: Callable[[str], None] = print,
+) -> LoadedModel:
+    """Load model and tokenizer; built-in models are fetched and their dequantized weights cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec)
+    device = pick_device(device)
+    compute_dtype = pick_dtype(dtype, device)
+    kwargs: dict = {"dtype": compute_dtype, "trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        kwargs["device_map"] = "auto"  # accelerate spreads the layers over the GPUs
+
+    if source.kind == "builtin":
+        builtin = offline.BUILTIN_MODELS[spec]
+        hf_dir = offline.dequantized_dir(builtin)
+        if not (hf_dir / "config.json").exists():
+            gguf_path = offline.fetch(builtin, progress)
+            progress(f"dequantizing {gguf_path.name} once; later runs load the cached weights")
+            _cache_dequantized(gguf_path, hf_dir)
+        where, file = hf_dir, None
+    elif source.kind == "gguf":
+        where, file = source.path, source.gguf_file
+    elif source.kind == "folder":
+        where, file = source.path, None
+        _check_weights_format(source.path, allow_pickle)
+    else:
+        where, file = source.spec, None
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file, trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AbliterateError(f"could not load model '{spec}': {first}") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    _clear_gguf_quantization(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # the last prompt token sits at position -1 for every row
+    source_dtype = torch.float32 if source.kind in ("builtin", "gguf") else _config_dtype(model, compute_dtype)
+    return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype)
+
+
+def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
+    has_safetensors = any(folder.glob("*.safetensors"))
+    has_pickle = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise AbliterateError(
+            f"{folder} holds only pickle checkpoints (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+
+
+def _config_dtype(model: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    value = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    return DTYPES.get(str(value).replace("torch.", ""), fallback)
+
+
+def _clear_gguf_quantization(model: nn.Module) -> None:
+    """GGUF weights arrive dequantized; drop the marker that stops save_pretrained."""
+    if getattr(model, "hf_quantizer", None) is not None and "gguf" in str(model.hf_quantizer).lower():
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    elif getattr(model.config, "quantization_config", None) is None and hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+        model.is_quantized = False
+
+
+def _cache_dequantized(gguf_path: Path, target: Path) -> None:
+    """Load a GGUF once in float32 and save it as safetensors, renamed into place when complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    _clear_gguf_quantization(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def encode(tokenizer, texts: list[str], device: torch.device | str, max_length: int | None = None) -> dict:
+    """Tokenize with left padding; position ids follow the attention mask so padding changes nothing."""
+    batch = tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,  # chat templates already carry their special tokens
+        truncation=max_length is not None,
+        max_length=max_length,
+    )
+    mask = batch["attention_mask"]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
+
+
+@torch.no_grad()
+def last_token_logprobs(model: nn.Module, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+    """Log-probabilities (float32, CPU) of the next token after each prompt, shape (n, vocab)."""
+    out = []
+    device = model.get_input_embeddings().weight.device
+    for start in range(0, len(texts), batch_size):
+        inputs = encode(tokenizer, texts[start : start + batch_size], device)
+        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)
