@@ -155,7 +155,10 @@ def remove_component_(tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: f
     if tensor.ndim == 1:
         parts = [tensor]
     else:
-        parts = [tensor.narrow(chunk_dim, s, min(chunk, tensor.shape[chunk_dim] - s)) for s in range(0, tensor.shape[chunk_dim], chunk)]
+        parts = [
+            tensor.narrow(chunk_dim, s, min(chunk, tensor.shape[chunk_dim] - s))
+            for s in range(0, tensor.shape[chunk_dim], chunk)
+        ]
     for part in parts:
         exact = part.double()
         coeff = torch.tensordot(exact, u, dims=([axis], [0])).unsqueeze(axis)

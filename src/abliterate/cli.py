@@ -1,0 +1,108 @@
+"""Command line: abliterate run | models | judge."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import AbliterateError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import pipeline, settings
+
+    cfg = settings.resolve(vars(args))
+    pipeline.run(cfg)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import offline
+
+    table = Table(title=f"built-in models (cache: {offline.cache_dir()})")
+    for col in ("name", "original", "GGUF size", "status"):
+        table.add_column(col)
+    for m in offline.BUILTIN_MODELS.values():
+        table.add_row(m.name, m.hub_id, f"{m.size_mb} MB", offline.status(m))
+    Console().print(table)
+    return 0
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .export import atomic_write_text
+    from .judge import judge
+
+    source = Path(args.file)
+    if not source.is_file():
+        raise AbliterateError(f"{source} does not exist; pass a .jsonl file with prompt and response fields")
+    lines = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompt, response = item["prompt"], item["response"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise AbliterateError(
+                f"{source}:{number} needs a JSON object with 'prompt' and 'response'; fix that line"
+            ) from None
+        verdict = judge(str(prompt), str(response or ""))
+        lines.append(json.dumps({**item, "label": verdict.label, "score": round(verdict.score, 4)}, ensure_ascii=False))
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; `run` flags come from the Settings dataclass."""
+    from . import settings
+
+    parser = argparse.ArgumentParser(
+        prog="abliterate", description="Find and remove the refusal direction of a chat model."
+    )
+    parser.add_argument("--version", action="version", version=f"abliterate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="collect, select, ablate, evaluate and save")
+    settings.add_arguments(run)
+    run.set_defaults(func=_cmd_run)
+    models = sub.add_parser("models", help="list built-in offline models and their cache status")
+    models.set_defaults(func=_cmd_models)
+    judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")
+    judge.add_argument("file", help=".jsonl with 'prompt' and 'response' on each line")
+    judge.add_argument("--out", required=True, help="where to write the labelled .jsonl")
+    judge.set_defaults(func=_cmd_judge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one line on stderr and a non-zero exit for every expected failure."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.func(args)
+    except AbliterateError as exc:
+        print(f"abliterate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("abliterate: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("abliterate: error: out of memory; lower --batch-size or use a smaller --dtype", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Save a run: the model in HF layout, directions, abliteration.json and a model card, atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .capture import ResidualMeans
+from .directions import Candidates
+from .errors import AbliterateError
+from .model import DTYPES, LoadedModel
+from .report import metrics_rows
+from .select import Selection
+from .settings import Settings
+
+
+@contextmanager
+def staging(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it replaces `out`, on any failure it vanishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise AbliterateError(f"output folder {out} appeared during the run; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)  # keep the previous output until the new one is in place
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as exc:
+        raise AbliterateError(
+            f"could not write {out}: {exc.strerror or exc}; free disk space or pick another --out"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(lm: LoadedModel, folder: Path, dtype: str) -> None:
+    """save_pretrained in the source dtype (float32 for GGUF sources) unless a dtype was asked for."""
+    target = lm.source_dtype if dtype == "auto" else DTYPES[dtype]
+    net = lm.model
+    original = next(net.parameters()).dtype
+    net.to(target)
+    try:
+        net.save_pretrained(folder, safe_serialization=True)
+    finally:
+        net.to(original)
+    lm.tokenizer.padding_side = "left"
+    lm.tokenizer.save_pretrained(folder)
+
+
+def save_directions(
+    folder: Path, candidates: Candidates, harmful: ResidualMeans, harmless: ResidualMeans, chosen: torch.Tensor
+) -> None:
+    """The chosen direction, every candidate and the means it came from, as safetensors."""
+    save_file(
+        {
+            "direction": chosen.float().contiguous(),
+            "candidate_directions": candidates.directions.float().contiguous(),
+            "mean_differences": candidates.diffs.float().contiguous(),
+            "harmful_means": harmful.mean.float().contiguous(),
+            "harmless_means": harmless.mean.float().contiguous(),
+        },
+        str(folder / "directions.safetensors"),
+        metadata={"layout": "(position from last, layer input 0..L-1 then output of layer L-1, hidden)"},
+    )
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "abliterate": __version__}
+    for package in ("torch", "transformers", "safetensors", "gguf", "accelerate"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def record(
+    lm: LoadedModel, settings: Settings, splits: dict, selection: Selection, edited: list[str], metrics: dict
+) -> dict:
+    """Everything needed to reproduce the run and to re-apply the edit."""
+    chosen = selection.chosen
+    src = lm.source
+    return {
+        "abliterate_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "base_model": src.base_model,
+            "license": src.license,
+            "sha256": src.sha256,
+            "model_type": lm.model.config.model_type,
+            "num_layers": getattr(lm.model.config, "num_hidden_layers", None),
+            "source_dtype": str(lm.source_dtype).replace("torch.", ""),
+        },
+        "prompts": {
+            key: {
+                part: {"n": len(getattr(s, part)), "sha256": getattr(s, part).sha256}
+                for part in ("train", "val", "test")
+            }
+            for key, s in splits.items()
+        },
+        "settings": settings.as_dict(),
+        "seed": settings.seed,
+        "refusal_tokens": {
+            "ids": list(selection.refusal_tokens.ids),
+            "tokens": list(selection.refusal_tokens.tokens),
+            "precision": selection.refusal_tokens.precision,
+        },
+        "selection": {
+            "position": chosen.position,
+            "layer": chosen.layer,
+            "reason": selection.reason,
+            "kl_threshold": selection.kl_threshold,
+            "baseline_refusal_log_odds": {
+                "harmful": selection.baseline_refusal_harmful,
+                "harmless": selection.baseline_refusal_harmless,
+            },
+            "candidates": [s.as_dict() for s in selection.scores],
+        },
+        "edit": {
+            "kind": "orthogonalize",
+            "direction_file": "directions.safetensors",
+            "direction_key": "direction",
+            "scale": 1.0,
+            "edited_tensors": edited,
+            "tie_word_embeddings": bool(getattr(lm.model.config, "tie_word_embeddings", False)),
+        },
+        "metrics": metrics,
+        "versions": _versions(),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Pretty JSON, UTF-8."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def answers_record(before: dict, after: dict) -> dict:
+    """Every test prompt with both answers and labels, for auditing the judge."""
+    result = {}
+    for key in ("harmful", "benign"):
+        b, a = before[key], after[key]
+        result[key] = [
+            {
+                "prompt": b.prompts[i],
+                "category": b.categories[i],
+                "before": b.responses[i],
+                "before_label": b.labels[i],
+                "after": a.responses[i],
+                "after_label": a.labels[i],
+            }
+            for i in range(len(b.prompts))
+        ]
+    return result
+
+
+def model_card(rec: dict) -> str:
+    """README.md with YAML front matter, the metrics table, parameters and limitations."""
+    model = rec["model"]
+    sel = rec["selection"]
+    front = ["---"]
+    if model["base_model"]:
+        front += [f"base_model: {model['base_model']}", "base_model_relation: finetune"]
+    if model["license"]:
+        front.append(f"license: {model['license']}")
+    front += [
+        "library_name: transformers",
+        "tags:",
+        "  - abliterated",
+        "  - refusal-direction",
+        "  - abliterate",
+        "---",
+    ]
+    lines = front + [
+        "",
+        f"# {model['base_model'] or model['spec']}, abliterated",
+        "",
+        f"The refusal direction of `{model['base_model'] or model['spec']}` (difference of mean residual activations "
+        f"on harmful and harmless prompts, layer {sel['layer']}, position {sel['position']} from the end of the prompt) "
+        "was projected out of every matrix that writes to the residual stream, by "
+        f"[abliterate](https://pypi.org/project/abliterate/) {rec['abliterate_version']}.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if rec["metrics"]:
+        lines += ["| metric | original | abliterated | paired p |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metrics_rows(rec["metrics"])]
+        lines += [
+            "",
+            "Rates over all answers with 95% Wilson intervals; p is an exact McNemar test on the same prompts; "
+            f"greedy answers of {rec['settings']['max_new_tokens']} new tokens judged whole by abliterate's judge.",
+        ]
+    else:
+        lines.append("Not evaluated (`--no-eval`).")
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        f"- layer {sel['layer']}, position {sel['position']}; {sel['reason']}",
+        f"- refusal openings learned from the model: {rec['refusal_tokens']['tokens']}",
+        f"- prompts: train {rec['settings']['n_train']}, validation {rec['settings']['n_val']}, "
+        f"test {rec['settings']['n_test']} of each kind; seed {rec['seed']}",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        f"abliterate run {model['spec']} --out OUT --layer {sel['layer']} --seed {rec['seed']}",
+        "```",
+        "",
+        "`abliteration.json` holds every setting, prompt-set hashes and package versions; "
+        "`directions.safetensors` holds the direction.",
+        "",
+        "## Limitations",
+        "",
+        "- Refusal is judged by rules and will miss some soft refusals and flag some compliant answers; "
+        "`evaluation.json` holds every answer so you can check.",
+        "- First-token KL measures the next-token distribution only; damage that shows later in long answers "
+        "is not in that number.",
+        "- Removing refusal removes a safeguard. The model will answer requests it used to decline.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temp file in the same folder, so a failure leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

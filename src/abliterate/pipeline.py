@@ -1,0 +1,165 @@
+"""run(): the stages in order, with every artifact written to a temp folder renamed into place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import capture, directions, evaluate, export, model, prompts, report
+from .edit import orthogonalize
+from .errors import AbliterateError
+from .select import Selection, find_refusal_tokens, select_direction
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: where it saved, what it chose, what it measured."""
+
+    out: Path
+    selection: Selection
+    metrics: dict
+    seconds: float
+
+
+@contextmanager
+def progress_bar(console: Console, description: str, total: int):
+    """A progress bar with ETA; yields a function that advances it."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+    console.print(f"  {description}: done")
+
+
+def load_prompt_sets(settings: Settings) -> dict[str, prompts.Split]:
+    """Harmful, harmless and benign prompt splits, checked for size before any model work."""
+    s = settings
+    load = lambda spec: prompts.load(spec, s.prompt_column, s.category_column)  # noqa: E731
+    return {
+        "harmful": prompts.split(load(s.harmful), s.n_train, s.n_val, s.n_test if not s.no_eval else 0, s.seed),
+        "harmless": prompts.split(load(s.harmless), s.n_train, s.n_val, s.n_test if not s.no_eval else 0, s.seed),
+        "benign": prompts.split(load(s.benign), 0, 0, s.n_test if not s.no_eval else 0, s.seed),
+    }
+
+
+def check_settings(settings: Settings) -> Path:
+    """Validate what can be validated before loading a model; return the output folder."""
+    if not settings.out:
+        raise AbliterateError("no output folder given; pass --out DIR")
+    out = Path(settings.out).expanduser()
+    if out.exists() and not settings.force:
+        raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    for name in ("n_train", "n_val", "batch_size", "max_new_tokens", "positions"):
+        if getattr(settings, name) < 1:
+            raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.n_test < 1 and not settings.no_eval:
+        raise AbliterateError("--n-test must be at least 1 (or pass --no-eval)")
+    if settings.max_kl <= 0:
+        raise AbliterateError("--max-kl must be positive")
+    return out
+
+
+def run(settings: Settings, console: Console | None = None) -> RunResult:
+    """Collect, compute directions, select, orthogonalize, evaluate and save one abliteration."""
+    console = console or Console(stderr=True)
+    started = time.time()
+    torch.manual_seed(settings.seed)
+    out = check_settings(settings)
+    splits = load_prompt_sets(settings)
+    console.print(f"[bold]loading[/] {settings.model}")
+    lm = model.load(
+        settings.model,
+        settings.dtype,
+        settings.device,
+        settings.trust_remote_code,
+        settings.allow_pickle,
+        console.print,
+    )
+    tok, net, arch = lm.tokenizer, lm.model, lm.arch
+    fmt = lambda ps: prompts.format_all(tok, ps.texts, settings.system_prompt)  # noqa: E731
+    bs = settings.batch_size
+
+    harmful_train, harmless_train = fmt(splits["harmful"].train), fmt(splits["harmless"].train)
+    with progress_bar(console, "collect residual means", len(harmful_train) + len(harmless_train)) as step:
+        harmful_means = capture.collect(net, tok, arch, harmful_train, bs, settings.positions, step)
+        harmless_means = capture.collect(net, tok, arch, harmless_train, bs, settings.positions, step)
+    candidates = directions.difference_of_means(harmful_means, harmless_means, settings.project_harmless_mean)
+
+    console.print("[bold]learning[/] how this model opens its refusals")
+    refusal_tokens = find_refusal_tokens(net, tok, harmful_train[:32], harmless_train[:16], bs)
+    console.print(
+        f"  refusal openings {list(refusal_tokens.tokens)} (precision {refusal_tokens.precision:.2f}, "
+        f"{refusal_tokens.refusals_seen} refusals in {refusal_tokens.answers_seen} answers)"
+    )
+    harmful_val, harmless_val = fmt(splits["harmful"].val), fmt(splits["harmless"].val)
+    n_layers = candidates.directions.shape[1] - 1
+    n_steps = (
+        1
+        if settings.layer is not None
+        else settings.positions * max(1, int(n_layers * (1 - settings.skip_last_layers)))
+    )
+    with progress_bar(console, "score candidate directions", n_steps + 6) as step:
+        selection = select_direction(
+            net, tok, arch, candidates, harmful_val, harmless_val, refusal_tokens, bs,
+            max_kl=settings.max_kl, kl_margin=settings.kl_margin, skip_last_layers=settings.skip_last_layers,
+            layer=settings.layer, on_step=lambda _: step(),
+        )  # fmt: skip
+    report.print_candidates(console, selection)
+    chosen = selection.chosen
+    direction = candidates.direction(chosen.position, chosen.layer)
+
+    before: dict = {}
+    if not settings.no_eval:
+        before = _measure(console, lm, splits, settings, "before")
+    edited = orthogonalize(net, arch, direction)
+    after: dict = {}
+    metrics: dict = {}
+    if not settings.no_eval:
+        after = _measure(console, lm, splits, settings, "after")
+        metrics = evaluate.summarize(before, after)
+        report.print_metrics(console, metrics)
+
+    console.print(f"[bold]saving[/] to {out}")
+    with export.staging(out, settings.force) as tmp:
+        export.save_model(lm, tmp, settings.dtype)
+        export.save_directions(tmp, candidates, harmful_means, harmless_means, direction)
+        record = export.record(lm, settings, splits, selection, edited, metrics)
+        export.write_json(tmp / "abliteration.json", record)
+        if before:
+            export.write_json(tmp / "evaluation.json", export.answers_record(before, after))
+        (tmp / "README.md").write_text(export.model_card(record), encoding="utf-8")
+    seconds = time.time() - started
+    console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
+    return RunResult(out, selection, metrics, seconds)
+
+
+def _measure(console: Console, lm: model.LoadedModel, splits: dict, settings: Settings, when: str) -> dict:
+    """Answers to held-out harmful and benign prompts, judged, and harmless next-token log-probs."""
+    tok, net, bs = lm.tokenizer, lm.model, settings.batch_size
+    result = {}
+    for key in ("harmful", "benign"):
+        test = splits[key].test
+        texts = prompts.format_all(tok, test.texts, settings.system_prompt)
+        with progress_bar(console, f"generate {when}: {key} ({len(texts)})", len(texts)) as step:
+            answers = model.generate(net, tok, texts, settings.max_new_tokens, bs, step)
+        result[key] = evaluate.judge_answers(key, test.texts, [p.category for p in test.prompts], answers)
+    harmless = prompts.format_all(tok, splits["harmless"].test.texts, settings.system_prompt)
+    result["harmless_logprobs"] = model.last_token_logprobs(net, tok, harmless, bs)
+    return result

@@ -1,0 +1,60 @@
+"""Human-readable output of a run: the candidate table and the before/after table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .select import Selection
+
+LABELS = {
+    "harmful_refusal": "Refusal, harmful test prompts",
+    "harmful_degenerate": "Degenerate, harmful test prompts",
+    "benign_refusal": "Over-refusal, benign alarming prompts",
+    "benign_degenerate": "Degenerate, benign alarming prompts",
+}
+
+
+def _pct(rate: dict) -> str:
+    return f"{100 * rate['value']:.1f}% [{100 * rate['low']:.0f}-{100 * rate['high']:.0f}] ({rate['k']}/{rate['n']})"
+
+
+def print_candidates(console: Console, selection: Selection, limit: int = 12) -> None:
+    """The candidates measured in full, best ablated refusal first, and the choice."""
+    table = Table(title="candidate directions (validation; refusal as log-odds of the refusal openings)")
+    for col in ("pos", "layer", "refusal ablated", "refusal induced", "KL", "eligible"):
+        table.add_column(col, justify="right")
+    ranked = sorted(selection.scores, key=lambda s: s.refusal_ablated)[:limit]
+    for s in ranked:
+        mark = "[bold green]chosen[/]" if s is selection.chosen else ("yes" if s.eligible else "")
+        induced = "" if s.refusal_induced is None else f"{s.refusal_induced:+.2f}"
+        kl = "" if s.kl is None else f"{s.kl:.4f}"
+        table.add_row(str(s.position), str(s.layer), f"{s.refusal_ablated:+.2f}", induced, kl, mark)
+    console.print(table)
+    console.print(
+        f"baseline refusal log-odds: harmful {selection.baseline_refusal_harmful:+.2f}, "
+        f"harmless {selection.baseline_refusal_harmless:+.2f}; {selection.reason}"
+    )
+
+
+def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
+    """(metric, before, after, paired p) rows shared by the terminal table and the model card."""
+    rows = []
+    for key, name in LABELS.items():
+        m = metrics[key]
+        rows.append((name, _pct(m["before"]), _pct(m["after"]), f"{m['p_value']:.3g}"))
+    kl = metrics["kl_first_token_harmless"]
+    rows.append(
+        ("First-token KL, harmless test prompts", "0", f"{kl['value']:.4f} [{kl['low']:.4f}-{kl['high']:.4f}]", "")
+    )
+    return rows
+
+
+def print_metrics(console: Console, metrics: dict) -> None:
+    """Before/after table with 95% intervals and McNemar p-values."""
+    table = Table(title="before / after (95% intervals; p: exact McNemar on the same prompts)")
+    for col in ("metric", "before", "after", "p"):
+        table.add_column(col)
+    for row in metrics_rows(metrics):
+        table.add_row(*row)
+    console.print(table)

@@ -1,0 +1,119 @@
+"""One typed settings object; CLI flags, ABLITERATE_* environment variables and TOML all fill it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from .errors import AbliterateError
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on; recorded whole in abliteration.json."""
+
+    model: str = _opt("qwen2.5-coder-0.5b-instruct", "built-in name, HF folder, .gguf file or hub id", positional=True)
+    out: str = _opt("", "output folder for the abliterated model")
+    harmful: str = _opt("harmful", "harmful prompts: built-in set name, file or hub dataset")
+    harmless: str = _opt("harmless", "harmless prompts: built-in set name, file or hub dataset")
+    benign: str = _opt("benign_alarming", "benign prompts with alarming words, for over-refusal")
+    prompt_column: str = _opt("prompt", "column holding the prompt in .jsonl/.json/.csv/.parquet/hub data")
+    category_column: str = _opt("category", "optional column holding each prompt's category")
+    system_prompt: str | None = _opt(None, "system prompt for every conversation (default: the template's)")
+    force: bool = _opt(False, "replace the output folder if it exists")
+    layer: int | None = _opt(None, "use the direction from this layer instead of selecting one")
+    max_kl: float = _opt(0.1, "most first-token KL on harmless prompts a chosen direction may cost")
+    kl_margin: float = _opt(0.5, "selection requires validation KL <= max_kl * kl_margin")
+    skip_last_layers: float = _opt(0.2, "share of the last layers never chosen")
+    positions: int = _opt(1, "candidates at the last N prompt positions")
+    project_harmless_mean: bool = _opt(False, "remove each direction's component along the harmless mean")
+    dtype: str = _opt("auto", "compute and save dtype: auto, float32, bfloat16, float16, float64")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    batch_size: int = _opt(16, "prompts per forward pass")
+    max_new_tokens: int = _opt(96, "tokens generated per answer for evaluation")
+    n_train: int = _opt(128, "prompts of each kind for the mean difference")
+    n_val: int = _opt(32, "prompts of each kind for selection")
+    n_test: int = _opt(64, "held-out harmful and benign prompts for evaluation")
+    seed: int = _opt(0, "seed for splits and anything random")
+    no_eval: bool = _opt(False, "skip the before/after generation (faster; no refusal rates)")
+    trust_remote_code: bool = _opt(False, "allow model code from the hub to run")
+    allow_pickle: bool = _opt(False, "allow loading pickle (.bin) checkpoints")
+    config: str | None = _opt(None, "TOML file with any of these settings")
+
+    def as_dict(self) -> dict:
+        """All settings as plain values."""
+        return dataclasses.asdict(self)
+
+
+def _base_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else tp
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value, kind: type, where: str):
+    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise AbliterateError(f"{where}: '{name}' must be {kind.__name__}, got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One CLI flag per setting; defaults are left unset so that env and TOML can fill them."""
+    types_ = _field_types()
+    for f in dataclasses.fields(Settings):
+        if f.name in exclude:
+            continue
+        kind, help_ = types_[f.name], f"{f.metadata['help']} (default: {f.default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_)
+        elif kind is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=help_)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=help_)
+
+
+def resolve(cli: dict) -> Settings:
+    """Defaults, then the TOML file, then ABLITERATE_* variables, then CLI flags."""
+    types_ = _field_types()
+    values: dict = {}
+    config_path = cli.get("config") or os.environ.get("ABLITERATE_CONFIG")
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise AbliterateError(f"config file {path} does not exist; check --config")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise AbliterateError(f"config file {path} is not valid TOML ({exc}); fix it") from None
+        unknown = sorted(set(data) - set(types_))
+        if unknown:
+            raise AbliterateError(f"config file {path} has unknown settings {unknown}; see `abliterate run --help`")
+        values.update({k: _coerce(k, v, types_[k], str(path)) for k, v in data.items()})
+    for name, kind in types_.items():
+        env = os.environ.get(f"ABLITERATE_{name.upper()}")
+        if env is not None:
+            values[name] = _coerce(name, env, kind, f"ABLITERATE_{name.upper()}")
+    values.update({k: v for k, v in cli.items() if k in types_ and v is not None})
+    return Settings(**values)
