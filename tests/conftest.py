@@ -30,18 +30,26 @@ def tiny_config(model_type: str, **overrides):
     if model_type in ("gemma2", "gemma3_text", "gemma"):
         kw.update(head_dim=16)
     if model_type in ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"):
-        kw.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                  shared_expert_intermediate_size=80)
+        kw.update(
+            num_local_experts=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+        )
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 
 
-def tiny_model(model_type: str, dtype=torch.float64, seed: int = 0, **overrides):
+def tiny_model(model_type: str, dtype=torch.float64, seed: int = 0, attn: str = "sdpa", **overrides):
     """A randomly initialised tiny model in eval mode; biases randomised too so bias edits matter."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="eager")
+        try:
+            model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation=attn)
+        except ValueError:  # some families (gemma2) only support eager attention
+            model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="eager")
     model.to(dtype).eval().requires_grad_(False)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -54,3 +62,47 @@ def tiny_model(model_type: str, dtype=torch.float64, seed: int = 0, **overrides)
 def rng():
     """A seeded torch generator."""
     return torch.Generator().manual_seed(1234)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """A byte-level tokenizer with 256 byte tokens and a few specials, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|end|>",
+        additional_special_tokens=specials[3:],
+    )  # fmt: skip
+    if chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    assert len(tok) <= VOCAB
+    return tok
+
+
+def save_tiny_checkpoint(folder, model_type: str = "llama", dtype=torch.float32, chat_template: bool = True, **kw):
+    """A tiny model plus tokenizer saved as an ordinary HF folder (safetensors)."""
+    model = tiny_model(model_type, dtype=dtype, **kw)
+    model.config.eos_token_id = 2
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    tiny_tokenizer(chat_template).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny llama with a chat template, shared by the tests that only read it."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama")

@@ -69,5 +69,7 @@ def test_saved_edit_reloads_with_same_logits(model_type, tmp_path, rng):
         assert not model.config.tie_word_embeddings
     expected = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager").eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, attn_implementation=model.config._attn_implementation
+    ).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-7, atol=1e-8)

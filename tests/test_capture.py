@@ -1,0 +1,47 @@
+"""Running means: padding must not leak in, and batch size must not matter."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from abliterate.architectures import architecture_for
+from abliterate.capture import collect
+from abliterate.directions import difference_of_means
+
+TEXTS = [
+    "<|user|>hi<|end|><|assistant|>",
+    "<|user|>a much longer prompt that needs lots of padding in a batch<|end|><|assistant|>",
+    "<|user|>medium sized prompt here<|end|><|assistant|>",
+    "<|user|>x<|end|><|assistant|>",
+    "<|user|>another one of a different length, to mix things up<|end|><|assistant|>",
+]
+
+
+def test_batched_means_equal_one_at_a_time():
+    model, tok = tiny_model("llama", dtype=torch.float64), tiny_tokenizer()
+    tok.padding_side = "left"
+    arch = architecture_for(model)
+    one = collect(model, tok, arch, TEXTS, batch_size=1, positions=3)
+    batched = collect(model, tok, arch, TEXTS, batch_size=5, positions=3)
+    assert one.count == batched.count == len(TEXTS)
+    assert one.sums.shape == (3, 4, 64)  # 3 layers: 3 inputs + the last output
+    torch.testing.assert_close(batched.mean, one.mean, rtol=1e-9, atol=1e-10)
+    # and the means are really means of the prompts, not constant: prompts differ at position 1
+    assert one.mean[1].abs().sum() > 0
+
+
+def test_means_depend_on_content_and_difference_is_unit():
+    model, tok = tiny_model("qwen2", dtype=torch.float64), tiny_tokenizer()
+    tok.padding_side = "left"
+    arch = architecture_for(model)
+    a = collect(model, tok, arch, TEXTS[:2], batch_size=2)
+    b = collect(model, tok, arch, TEXTS[2:], batch_size=2)
+    cands = difference_of_means(a, b)
+    norms = cands.directions.norm(dim=-1)
+    # Layer 0 input is the embedding of the shared last token: no difference there.
+    assert cands.diffs[0, 0].abs().max() == 0
+    torch.testing.assert_close(norms[0, 1:], torch.ones(3, dtype=torch.float64))
+    projected = difference_of_means(a, b, project_harmless_mean=True)
+    base = b.mean / b.mean.norm(dim=-1, keepdim=True)
+    assert (projected.directions[0, 1:] * base[0, 1:]).sum(-1).abs().max() < 1e-10
