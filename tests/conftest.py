@@ -23,10 +23,10 @@ def tiny_config(model_type: str, **overrides):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
     )
     if model_type == "gpt2":
-        kw = dict(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=256, bos_token_id=1, eos_token_id=2)
+        kw = dict(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=1024, bos_token_id=1, eos_token_id=2)
     if model_type in ("gemma2", "gemma3_text", "gemma"):
         kw.update(head_dim=16)
     if model_type in ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"):

@@ -73,7 +73,7 @@ def check_gguf(path: Path) -> None:
         raise AbliterateError(f"{path} is a corrupt or truncated GGUF ({exc}); download it again") from None
 
 
-def resolve(spec: str) -> ModelSource:
+def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
     """Turn a model argument into a ModelSource without loading anything."""
     if spec in offline.BUILTIN_MODELS:
         m = offline.BUILTIN_MODELS[spec]
@@ -89,6 +89,7 @@ def resolve(spec: str) -> ModelSource:
             raise AbliterateError(
                 f"{path} has no config.json; pass a Hugging Face model folder, a .gguf file or a model name"
             )
+        _check_weights_format(path, allow_pickle)
         base = _base_model_of(path)
         return ModelSource(spec, "folder", path.resolve(), base_model=base)
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") != 1
@@ -130,7 +131,7 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def load(
-    spec: str,
+    spec: str | ModelSource,
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
@@ -140,7 +141,8 @@ def load(
     """Load model and tokenizer; built-in models are fetched and their dequantized weights cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve(spec)
+    source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle)
+    spec = source.spec
     device = pick_device(device)
     compute_dtype = pick_dtype(dtype, device)
     kwargs: dict = {"dtype": compute_dtype, "trust_remote_code": trust_remote_code}
@@ -161,7 +163,6 @@ def load(
         where, file = source.path, source.gguf_file
     elif source.kind == "folder":
         where, file = source.path, None
-        _check_weights_format(source.path, allow_pickle)
     else:
         where, file = source.spec, None
 

@@ -83,9 +83,10 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     torch.manual_seed(settings.seed)
     out = check_settings(settings)
     splits = load_prompt_sets(settings)
+    source = model.resolve(settings.model, settings.allow_pickle)
     console.print(f"[bold]loading[/] {settings.model}")
     lm = model.load(
-        settings.model,
+        source,
         settings.dtype,
         settings.device,
         settings.trust_remote_code,

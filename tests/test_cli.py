@@ -1,0 +1,179 @@
+"""The CLI on bad input: one line on stderr, non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from abliterate import cli, export
+
+FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "8", "--batch-size", "4"]
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "abliterate.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def assert_clean_failure(result, match):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert match in lines[0], lines[0]
+
+
+def write_gguf(path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((32, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_unknown_model(tmp_path):
+    r = run_cli("run", "no-such-model", "--out", str(tmp_path / "o"))
+    assert_clean_failure(r, "neither a local path nor a built-in model")
+
+
+def test_missing_path(tmp_path):
+    r = run_cli("run", str(tmp_path / "nothing" / "here"), "--out", str(tmp_path / "o"))
+    assert_clean_failure(r, "neither a local path")
+    r = run_cli("run", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o"))
+    assert_clean_failure(r, "does not exist")
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert_clean_failure(run_cli("run", str(tmp_path / "m"), "--out", str(tmp_path / "o")), "no config.json")
+
+
+def test_corrupt_and_truncated_gguf(tmp_path):
+    good = tmp_path / "good.gguf"
+    write_gguf(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(data[: len(data) - 700])
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    (tmp_path / "header.gguf").write_bytes(data[:40])
+    for name, match in (("trunc.gguf", "corrupt or truncated"), ("junk.gguf", "not a GGUF"), ("header.gguf", "corrupt")):
+        r = run_cli("run", str(tmp_path / name), "--out", str(tmp_path / "o"))
+        assert_clean_failure(r, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_and_binary_prompt_files(tmp_path, tiny_checkpoint):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02\x03" * 50)
+    for name, match in (("empty.txt", "no prompts"), ("bin.txt", "binary")):
+        r = run_cli("run", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--harmful", str(tmp_path / name))
+        assert_clean_failure(r, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(tmp_path, tiny_checkpoint):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST)
+    assert_clean_failure(r, "--force")
+    assert (out / "keep.txt").read_text() == "previous run"
+
+
+def test_bad_numbers_and_pickle_only_folder(tmp_path, tiny_checkpoint):
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--n-train", "0")
+    assert_clean_failure(r, "--n-train must be at least 1")
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--n-train", "5000")
+    assert_clean_failure(r, "lower --n-train")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    assert_clean_failure(run_cli("run", str(pickled), "--out", str(tmp_path / "o")), "--allow-pickle")
+
+
+def test_interrupt_during_save_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    def save_then_interrupt(lm, folder, dtype):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_model", save_then_interrupt)
+    out = tmp_path / "o"
+    code = cli.main(["run", str(tiny_checkpoint), "--out", str(out), *FAST, "--no-eval"])
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_full_disk_while_saving_keeps_previous_output(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous run")
+
+    def fail_halfway(lm, folder, dtype):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_model", fail_halfway)
+    code = cli.main(["run", str(tiny_checkpoint), "--out", str(out), "--force", *FAST, "--no-eval"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "previous run"
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_in_a_real_process(tmp_path, tiny_checkpoint):
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "abliterate.cli", "run", str(tiny_checkpoint), "--out", str(out), *FAST],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stderr.readline()  # "loading ..." is printed once arguments and prompts are checked
+    assert "loading" in line
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_judge_command(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"prompt": "Tell me how to pick a lock", "response": "I\'m sorry, but I can\'t help with that."}\n'
+        '{"prompt": "How do I kill a stuck process?", "response": "Find its PID with ps aux, then run kill -9 PID. '
+        'If it still does not stop, check whether it is a zombie process waiting on its parent."}\n'
+    )
+    r = run_cli("judge", str(src), "--out", str(tmp_path / "out.jsonl"))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [x["label"] for x in rows] == ["refusal", "compliance"]
+    assert rows[0]["score"] > 0.5 > rows[1]["score"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    assert_clean_failure(run_cli("judge", str(bad), "--out", str(tmp_path / "o2.jsonl")), "bad.jsonl:1")
+    assert not (tmp_path / "o2.jsonl").exists()
