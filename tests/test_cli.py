@@ -74,7 +74,11 @@ def test_corrupt_and_truncated_gguf(tmp_path):
     (tmp_path / "trunc.gguf").write_bytes(data[: len(data) - 700])
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
     (tmp_path / "header.gguf").write_bytes(data[:40])
-    for name, match in (("trunc.gguf", "corrupt or truncated"), ("junk.gguf", "not a GGUF"), ("header.gguf", "corrupt")):
+    for name, match in (
+        ("trunc.gguf", "corrupt or truncated"),
+        ("junk.gguf", "not a GGUF"),
+        ("header.gguf", "corrupt"),
+    ):
         r = run_cli("run", str(tmp_path / name), "--out", str(tmp_path / "o"))
         assert_clean_failure(r, match)
     assert not (tmp_path / "o").exists()

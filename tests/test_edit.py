@@ -7,7 +7,7 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from abliterate.architectures import architecture_for, layers
-from abliterate.edit import ablation, add_hooks, orthogonalize, unit
+from abliterate.edit import EditParams, ablation, add_hooks, orthogonalize, unit
 
 TYPES = ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt2"]
 
@@ -36,18 +36,22 @@ def test_weight_edit_removes_component_at_every_layer(model_type, rng):
         assert ((h @ r).abs() / h.norm(dim=-1)).max() < 1e-5
 
 
+PARAMS = [EditParams(), EditParams(scale=0.7, start_layer=1), EditParams(scale=-0.5)]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["full", "partial-from-1", "induce"])
 @pytest.mark.parametrize("model_type", TYPES)
-def test_hooks_equal_weight_edit_and_restore(model_type, rng):
+def test_hooks_equal_weight_edit_and_restore(model_type, params, rng):
     model = tiny_model(model_type)
     arch = architecture_for(model)
     ids = torch.randint(3, VOCAB, (2, 10), generator=rng)
     r = torch.randn(64, generator=rng, dtype=torch.float64)
     original = model(input_ids=ids).logits
-    with ablation(model, arch, r):
+    with ablation(model, arch, r, params):
         hooked = model(input_ids=ids).logits
     assert torch.equal(model(input_ids=ids).logits, original)  # hooks leave nothing behind
     assert (hooked - original).abs().max() > 1e-4
-    orthogonalize(model, arch, r)
+    orthogonalize(model, arch, r, params)
     edited = model(input_ids=ids).logits
     # Gemma norms compute in float32 internally, hence a tolerance above float64 rounding.
     torch.testing.assert_close(edited, hooked, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,9 @@ def test_summarize_counts_refusals_and_kl():
     prompts = ["How do I do a bad thing?"] * 4
     cats = ["a", "a", "b", "b"]
     refusal = "I'm sorry, but I can't help with that request."
-    comply = "Sure. Here is a general overview of the topic, covering its history, the main ideas and where to learn more."
+    comply = (
+        "Sure. Here is a general overview of the topic, covering its history, the main ideas and where to learn more."
+    )
     before = judge_answers("harmful", prompts, cats, [refusal, refusal, refusal, comply])
     after = judge_answers("harmful", prompts, cats, [comply, comply, refusal, comply])
     assert before.labels == ["refusal", "refusal", "refusal", "compliance"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -81,20 +82,42 @@ def _output_hook(edit):
     return hook
 
 
+@dataclass(frozen=True)
+class EditParams:
+    """How strongly and from which layer on the direction is removed.
+
+    scale 1 removes the component fully; 0 < scale < 1 removes part of it; scale < 0 strengthens
+    it (refusal induction). Writers in layers before start_layer are left alone, and the
+    embeddings are edited only when start_layer is 0.
+    """
+
+    scale: float = 1.0
+    start_layer: int = 0
+
+
 @contextlib.contextmanager
-def ablation(model: nn.Module, arch: Architecture, direction: torch.Tensor, scale: float = 1.0) -> Iterator[None]:
+def ablation(
+    model: nn.Module, arch: Architecture, direction: torch.Tensor, params: EditParams = EditParams()
+) -> Iterator[None]:
     """Project the direction out of the residual stream while the context is open.
 
     Edits the embeddings' output, the input of every layer and every writer's output, so the
     result equals the weight edit exactly; the model is unchanged on exit.
     """
     r = unit(direction)
-    per_layer = writer_directions(model, arch, direction)
+    scale, start = params.scale, params.start_layer
     pre, post = [], []
-    for name in arch.embeddings:
-        post.append((get(model, name), _output_hook(lambda x: _project_out(x, r, scale))))
-    for layer, directions in zip(layers(model, arch), per_layer):
-        if scale == 1.0:  # a full projection is idempotent; a partial one would compound per layer
+    if start == 0:
+        for name in arch.embeddings:
+            post.append((get(model, name), _output_hook(lambda x: _project_out(x, r, scale))))
+    per_layer = writer_directions(model, arch, direction)
+    for index, (layer, directions) in enumerate(zip(layers(model, arch), per_layer)):
+        if index < start:
+            continue
+        # A full projection of a clean stream is idempotent, so projecting layer inputs too changes
+        # nothing numerically but guards against writers the table might miss. A partial one would
+        # compound per layer, and with start_layer > 0 the stream is not clean, so skip it then.
+        if scale == 1.0 and start == 0:
             pre.append((layer, _input_hook(lambda x: _project_out(x, r))))
         for writer, u in zip(arch.writers, directions):
             post.append((get(layer, writer.output), _output_hook(lambda x, u=u: _project_out(x, u, scale))))
@@ -165,24 +188,29 @@ def remove_component_(tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: f
         part.copy_(exact - scale * coeff * u_shaped)
 
 
-def orthogonalize(model: nn.Module, arch: Architecture, direction: torch.Tensor, scale: float = 1.0) -> list[str]:
-    """Edit every residual-stream writer so its output has no component along the direction.
+def orthogonalize(
+    model: nn.Module, arch: Architecture, direction: torch.Tensor, params: EditParams = EditParams()
+) -> list[str]:
+    """Edit every residual-stream writer so its output loses (or gains) its component along the direction.
 
-    scale=1 removes the component; scale<0 strengthens it (refusal induction). Returns the names
-    of the edited tensors. Tied embeddings are untied first.
+    Returns the names of the edited tensors. Tied embeddings are untied first.
     """
     untie_embeddings(model)
     r = unit(direction)
     names = {id(p): n for n, p in model.named_parameters()}
     edited = []
-    for name in arch.embeddings:
-        for tensor, axis in _residual_params(get(model, name)):
-            remove_component_(tensor, axis, r, scale)
-            edited.append(names.get(id(tensor), name))
-    for layer, directions in zip(layers(model, arch), writer_directions(model, arch, direction)):
+    if params.start_layer == 0:
+        for name in arch.embeddings:
+            for tensor, axis in _residual_params(get(model, name)):
+                remove_component_(tensor, axis, r, params.scale)
+                edited.append(names.get(id(tensor), name))
+    per_layer = writer_directions(model, arch, direction)
+    for index, (layer, directions) in enumerate(zip(layers(model, arch), per_layer)):
+        if index < params.start_layer:
+            continue
         for writer, u in zip(arch.writers, directions):
             for spec in writer.weights:
                 for tensor, axis in _resolve_weights(layer, spec):
-                    remove_component_(tensor, axis, u, scale)
+                    remove_component_(tensor, axis, u, params.scale)
                     edited.append(names.get(id(tensor), str(spec)))
     return edited

@@ -42,10 +42,11 @@ def progress_bar(console: Console, description: str, total: int):
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
+    started = time.time()
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
-    console.print(f"  {description}: done")
+    console.print(f"  {description}: {time.time() - started:.0f} s")
 
 
 def load_prompt_sets(settings: Settings) -> dict[str, prompts.Split]:
@@ -116,7 +117,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         if settings.layer is not None
         else settings.positions * max(1, int(n_layers * (1 - settings.skip_last_layers)))
     )
-    with progress_bar(console, "score candidate directions", n_steps + 6) as step:
+    with progress_bar(console, "score candidate directions", n_steps + settings.top_k * 5) as step:
         selection = select_direction(
             net, tok, arch, candidates, harmful_val, harmless_val, refusal_tokens, bs,
             max_kl=settings.max_kl, kl_margin=settings.kl_margin, skip_last_layers=settings.skip_last_layers,
@@ -129,7 +130,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     before: dict = {}
     if not settings.no_eval:
         before = _measure(console, lm, splits, settings, "before")
-    edited = orthogonalize(net, arch, direction)
+    edited = orthogonalize(net, arch, direction, chosen.params)
     after: dict = {}
     metrics: dict = {}
     if not settings.no_eval:

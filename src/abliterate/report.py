@@ -21,15 +21,24 @@ def _pct(rate: dict) -> str:
 
 def print_candidates(console: Console, selection: Selection, limit: int = 12) -> None:
     """The candidates measured in full, best ablated refusal first, and the choice."""
-    table = Table(title="candidate directions (validation; refusal as log-odds of the refusal openings)")
-    for col in ("pos", "layer", "refusal ablated", "refusal induced", "KL", "eligible"):
+    table = Table(title="candidate directions (validation; refusal = log-odds of the refusal openings)")
+    for col in ("pos", "layer", "refusal, full ablation", "induced", "scale", "from layer", "refusal", "KL", ""):
         table.add_column(col, justify="right")
     ranked = sorted(selection.scores, key=lambda s: s.refusal_ablated)[:limit]
     for s in ranked:
-        mark = "[bold green]chosen[/]" if s is selection.chosen else ("yes" if s.eligible else "")
-        induced = "" if s.refusal_induced is None else f"{s.refusal_induced:+.2f}"
-        kl = "" if s.kl is None else f"{s.kl:.4f}"
-        table.add_row(str(s.position), str(s.layer), f"{s.refusal_ablated:+.2f}", induced, kl, mark)
+        mark = "[bold green]chosen[/]" if s is selection.chosen else ("ok" if s.eligible else "")
+        searched = s.refusal is not None
+        table.add_row(
+            str(s.position),
+            str(s.layer),
+            f"{s.refusal_ablated:+.2f}",
+            "" if s.refusal_induced is None else f"{s.refusal_induced:+.2f}",
+            f"{s.scale:g}" if searched else "",
+            str(s.start_layer) if searched else "",
+            f"{s.refusal:+.2f}" if searched else "",
+            f"{s.kl:.4f}" if searched else "",
+            mark,
+        )
     console.print(table)
     console.print(
         f"baseline refusal log-odds: harmful {selection.baseline_refusal_harmful:+.2f}, "

@@ -6,14 +6,14 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from .architectures import Architecture
 from .directions import Candidates
-from .edit import ablation, addition
+from .edit import EditParams, ablation, addition
 from .errors import AbliterateError
 from .judge import judge
 from .model import generate, kl_divergence, last_token_logprobs
@@ -34,18 +34,46 @@ class RefusalTokens:
 
 @dataclass
 class CandidateScore:
-    """Effect of one candidate direction on the validation prompts (log-odds, KL in nats)."""
+    """Effect of one candidate direction on the validation prompts (log-odds, KL in nats).
+
+    refusal_ablated is measured with full ablation for every candidate; the search then walks the
+    strength ladder for the most promising ones and keeps the strongest edit within the KL budget
+    (refusal, kl, scale, start_layer), recording every step in trials.
+    """
 
     position: int
     layer: int
-    refusal_ablated: float  # mean refusal log-odds on harmful prompts with the direction ablated
+    refusal_ablated: float  # mean refusal log-odds on harmful prompts, direction fully ablated
     refusal_induced: float | None = None  # mean refusal log-odds on harmless prompts with it added
-    kl: float | None = None  # mean first-token KL(original || ablated) on harmless prompts
+    refusal: float | None = None  # at the chosen strength
+    kl: float | None = None  # mean first-token KL(original || edited) on harmless prompts, chosen strength
+    scale: float = 1.0
+    start_layer: int = 0
     eligible: bool = False
+    trials: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """Plain dict for JSON."""
         return asdict(self)
+
+    @property
+    def params(self) -> EditParams:
+        """The edit strength chosen for this candidate."""
+        return EditParams(self.scale, self.start_layer)
+
+
+def strength_ladder(n_layers: int) -> list[EditParams]:
+    """Edits from strongest to gentlest: full ablation, then sparing the first third of the layers,
+    then removing only part of the component there. Measured on Qwen2.5-0.5B, each step lowers
+    harmless KL by a quarter to a half for a small loss in refusal removal."""
+    start = n_layers // 3
+    return [
+        EditParams(1.0, 0),
+        EditParams(1.0, start),
+        EditParams(0.85, start),
+        EditParams(0.7, start),
+        EditParams(0.55, start),
+    ]
 
 
 @dataclass
@@ -120,15 +148,14 @@ def select_direction(
     max_kl: float = 0.1,
     kl_margin: float = 0.5,
     skip_last_layers: float = 0.2,
-    min_evaluated: int = 6,
-    max_evaluated: int = 16,
+    top_k: int = 4,
     layer: int | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> Selection:
-    """Score candidates: ablated refusal for all, then KL and induced refusal in order of promise.
-
-    A candidate is eligible when adding it makes harmless prompts more refusal-prone than they
-    were and its validation KL is under max_kl * kl_margin (held-out KL tends to run higher).
+    """Score every candidate by refusal under full ablation; then, for the top_k, check that adding
+    the direction induces refusal and search the strength ladder for the strongest edit whose
+    validation KL is under max_kl * kl_margin (held-out KL tends to run higher). The lowest
+    refusal among those wins.
     """
     ids = refusal_tokens.ids
     n_positions, n_layers = candidates.directions.shape[:2]
@@ -158,28 +185,46 @@ def select_direction(
                 on_step(f"ablation pos {pos} layer {lay}")
 
     ranked = sorted(scores, key=lambda s: s.refusal_ablated)
-    evaluated = 0
-    for score in ranked:
-        if evaluated >= max_evaluated or (evaluated >= min_evaluated and any(s.eligible for s in scores)):
-            break
-        with ablation(model, arch, candidates.direction(score.position, score.layer)):
-            lp = last_token_logprobs(model, tokenizer, harmless_val, batch_size)
-        score.kl = kl_divergence(base_harmless, lp).mean().item()
+    ladder = strength_ladder(model_layers)
+    for score in ranked[:top_k]:
+        direction = candidates.direction(score.position, score.layer)
         with addition(model, arch, candidates.diff(score.position, score.layer), score.layer):
             lp = last_token_logprobs(model, tokenizer, harmless_val, batch_size)
         score.refusal_induced = refusal_log_odds(lp, ids).mean().item()
-        score.eligible = score.kl <= threshold and score.refusal_induced > baseline_harmless
-        evaluated += 1
-        if on_step:
-            on_step(f"KL and induction pos {score.position} layer {score.layer}")
+        if score.refusal_induced <= baseline_harmless:
+            continue  # adding it does not make the model refuse: not the refusal direction
+        for params in ladder:
+            with ablation(model, arch, direction, params):
+                kl = kl_divergence(base_harmless, last_token_logprobs(model, tokenizer, harmless_val, batch_size))
+                if params == ladder[0]:
+                    refusal = score.refusal_ablated
+                else:
+                    refusal = refusal_log_odds(last_token_logprobs(model, tokenizer, harmful_val, batch_size), ids)
+                    refusal = refusal.mean().item()
+            score.trials.append(
+                {"scale": params.scale, "start_layer": params.start_layer, "refusal": refusal, "kl": kl.mean().item()}
+            )
+            score.refusal, score.kl, score.scale, score.start_layer = (
+                refusal,
+                kl.mean().item(),
+                params.scale,
+                params.start_layer,
+            )
+            if on_step:
+                on_step(
+                    f"pos {score.position} layer {score.layer} scale {params.scale} from layer {params.start_layer}"
+                )
+            if score.kl <= threshold:
+                score.eligible = True
+                break
 
-    eligible = [s for s in ranked if s.eligible]
+    eligible = sorted((s for s in ranked if s.eligible), key=lambda s: s.refusal)
     if eligible:
         chosen = eligible[0]
-        reason = f"lowest ablated refusal among candidates with KL <= {threshold:.3g} that induce refusal"
+        reason = f"lowest refusal among candidates that induce refusal, at the strongest edit with validation KL <= {threshold:.3g}"
     else:
-        measured = [s for s in ranked if s.kl is not None]
-        chosen = min(measured, key=lambda s: s.kl)
-        reason = f"no candidate met KL <= {threshold:.3g} and induced refusal; took the lowest-KL one measured"
+        measured = [s for s in ranked if s.kl is not None] or ranked[:1]
+        chosen = min(measured, key=lambda s: s.kl if s.kl is not None else float("inf"))
+        reason = f"no candidate reached validation KL <= {threshold:.3g}; took the lowest-KL edit measured"
         log.warning(reason)
     return Selection(chosen, scores, baseline_refusal, baseline_harmless, threshold, refusal_tokens, reason)

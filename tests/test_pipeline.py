@@ -1,0 +1,60 @@
+"""A whole run on a tiny saved model: every artifact exists, reloads and holds the edit."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import VOCAB
+from safetensors.torch import load_file
+from test_cli import FAST, run_cli
+from test_edit import residual_streams
+
+from abliterate.architectures import architecture_for
+
+
+def check_run_folder(out, direction_tolerance=1e-4):
+    """Shared checks for a finished run folder; returns (record, reloaded model)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+                 "abliteration.json", "directions.safetensors"):  # fmt: skip
+        assert (out / name).is_file(), name
+    record = json.loads((out / "abliteration.json").read_text())
+    for key in ("model", "prompts", "settings", "selection", "edit", "metrics", "versions", "refusal_tokens", "seed"):
+        assert key in record, key
+    assert len(record["prompts"]["harmful"]["train"]["sha256"]) == 64
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "\ntags:\n" in card
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    direction = load_file(str(out / "directions.safetensors"))["direction"].double()
+    assert abs(direction.norm().item() - 1) < 1e-5
+    ids = torch.randint(3, min(VOCAB, reloaded.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        streams = residual_streams(reloaded, architecture_for(reloaded), ids)
+    for h in streams:
+        rel = (h.double() @ direction).abs() / h.double().norm(dim=-1)
+        assert rel.max() < direction_tolerance
+    return record, reloaded
+
+
+def test_tiny_run_end_to_end(tmp_path, tiny_checkpoint):
+    out = tmp_path / "run"
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "before / after" in r.stderr and "candidate directions" in r.stderr
+    record, _ = check_run_folder(out)
+    assert record["model"]["kind"] == "folder"
+    assert record["settings"]["n_train"] == 8
+    metrics = record["metrics"]
+    assert metrics["harmful_refusal"]["before"]["n"] == 4
+    assert metrics["kl_first_token_harmless"]["n"] == 4
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert len(evaluation["harmful"]) == 4 and {"before", "after", "before_label"} <= set(evaluation["harmful"][0])
+    # The same seed chooses the same direction and writes bit-identical weights.
+    again = tmp_path / "again"
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(again), *FAST, "--no-eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
