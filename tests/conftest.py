@@ -27,16 +27,24 @@ def tiny_config(model_type: str, **overrides):
     )
     if model_type == "gpt2":
         kw = dict(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=1024, bos_token_id=1, eos_token_id=2)
-    if model_type in ("gemma2", "gemma3_text", "gemma"):
-        kw.update(head_dim=16)
-    if model_type in ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"):
+    if model_type in ("gemma2", "gemma3_text", "gemma", "qwen3", "glm4", "helium"):
+        kw.update(head_dim=16)  # their default head_dim is not hidden_size / heads
+    if model_type in ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "olmoe", "granitemoe", "phimoe"):
         kw.update(
             num_local_experts=4,
             num_experts=4,
             num_experts_per_tok=2,
             moe_intermediate_size=48,
             shared_expert_intermediate_size=80,
+            experts_implementation="eager",  # the default grouped_mm kernel has no float64 version
         )
+    if model_type == "gpt_oss":
+        kw.update(max_position_embeddings=4096)  # its YaRN defaults assume a 4096-token original context
+    if model_type == "gemma3":  # the vision-language model: a tiny SigLIP tower around a Gemma 3 text tower
+        text = {**kw, "head_dim": 16, **overrides}
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+        vision.update(image_size=28, patch_size=14)
+        return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, mm_tokens_per_image=4)
     kw.update(overrides)
     return AutoConfig.for_model(model_type, **kw)
 

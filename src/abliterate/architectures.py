@@ -45,66 +45,75 @@ class Architecture:
     extra: dict = field(default_factory=dict)
 
 
-def _llama_like(prefix: str = "model", mlp_out: str = "mlp.down_proj", **kw) -> Architecture:
-    return Architecture(
-        layers=f"{prefix}.layers",
-        embeddings=(f"{prefix}.embed_tokens",),
-        writers=(Writer("self_attn", ("self_attn.o_proj",)), Writer("mlp", (mlp_out,))),
-        final_norm=f"{prefix}.norm",
-        **kw,
-    )
-
-
-def _post_normed(prefix: str = "model") -> Architecture:
+def _decoder(
+    mlp_weights: tuple[str | Param, ...] = ("mlp.down_proj",),
+    *,
+    prefix: str = "model",
+    attn: str = "self_attn",
+    attn_out: str = "o_proj",
+    mlp: str = "mlp",
+    post_norms: tuple[str | None, str | None] = (None, None),
+    final_norm: str = "norm",
+    **kw,
+) -> Architecture:
+    """The common shape: `prefix.layers`, `prefix.embed_tokens`, one attention and one MLP writer per layer."""
     return Architecture(
         layers=f"{prefix}.layers",
         embeddings=(f"{prefix}.embed_tokens",),
         writers=(
-            Writer("self_attn", ("self_attn.o_proj",), post_norm="post_attention_layernorm"),
-            Writer("mlp", ("mlp.down_proj",), post_norm="post_feedforward_layernorm"),
+            Writer(attn, (f"{attn}.{attn_out}",), post_norm=post_norms[0]),
+            Writer(mlp, mlp_weights, post_norm=post_norms[1]),
         ),
-        final_norm=f"{prefix}.norm",
+        final_norm=f"{prefix}.{final_norm}",
+        **kw,
     )
 
 
-def _fused_moe(down_axis: int, bias: bool = False, shared: str | None = None) -> Architecture:
-    mlp: tuple = (Param("mlp.experts.down_proj", down_axis),)
+def _post_normed(
+    prefix: str = "model", norms=("post_attention_layernorm", "post_feedforward_layernorm")
+) -> Architecture:
+    """Each sublayer's output is normed before the add (Gemma 2/3, OLMo 2/3, EXAONE 4, GLM-4)."""
+    return _decoder(prefix=prefix, post_norms=norms)
+
+
+def _fused_moe(down_axis: int = 1, bias: bool = False, shared: str | None = None, mlp: str = "mlp") -> Architecture:
+    """Routed experts stored as one 3-D `down_proj` tensor, optionally with a bias and a shared expert.
+
+    transformers 5 fuses the experts of every decoder-only MoE this way; only the encoder-decoder
+    nllb_moe and switch_transformers still keep one module per expert.
+    """
+    weights: tuple = (Param(f"{mlp}.experts.down_proj", down_axis),)
     if bias:
-        mlp += (Param("mlp.experts.down_proj_bias", 1),)
+        weights += (Param(f"{mlp}.experts.down_proj_bias", 1),)
     if shared:
-        mlp += (shared,)
-    return Architecture(
-        layers="model.layers",
-        embeddings=("model.embed_tokens",),
-        writers=(Writer("self_attn", ("self_attn.o_proj",)), Writer("mlp", mlp)),
-        final_norm="model.norm",
-        fused_experts=True,
-    )
+        weights += (f"{mlp}.{shared}.down_proj",)
+    return _decoder(weights, mlp=mlp, fused_experts=True)
 
 
-_GPT2 = Architecture(
-    layers="transformer.h",
-    embeddings=("transformer.wte", "transformer.wpe"),
-    writers=(Writer("attn", ("attn.c_proj",)), Writer("mlp", ("mlp.c_proj",))),
-    final_norm="transformer.ln_f",
-)
+_LLAMA_LIKE = "llama mistral qwen2 qwen3 phi3 granite gemma cohere cohere2 smollm3 olmo helium".split()
 
 ARCHITECTURES: dict[str, Architecture] = {
-    **{t: _llama_like() for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma", "cohere")},
-    "starcoder2": _llama_like(mlp_out="mlp.c_proj"),
-    "gemma2": _post_normed(),
-    "gemma3_text": _post_normed(),
-    "olmo2": _post_normed(),
-    "gpt2": _GPT2,
+    **{t: _decoder() for t in _LLAMA_LIKE},
+    "starcoder2": _decoder(("mlp.c_proj",)),
+    "phi": _decoder(("mlp.fc2",), attn_out="dense", final_norm="final_layernorm"),
+    **{t: _post_normed() for t in ("gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4")},
+    "glm4": _post_normed(norms=("post_self_attn_layernorm", "post_mlp_layernorm")),
+    "gemma3": _post_normed(prefix="model.language_model"),  # Gemma3ForConditionalGeneration's text tower
+    "gpt2": Architecture(
+        layers="transformer.h",
+        embeddings=("transformer.wte", "transformer.wpe"),
+        writers=(Writer("attn", ("attn.c_proj",)), Writer("mlp", ("mlp.c_proj",))),
+        final_norm="transformer.ln_f",
+    ),
     "gpt_neox": Architecture(
         layers="gpt_neox.layers",
         embeddings=("gpt_neox.embed_in",),
         writers=(Writer("attention", ("attention.dense",)), Writer("mlp", ("mlp.dense_4h_to_h",))),
         final_norm="gpt_neox.final_layer_norm",
     ),
-    "mixtral": _fused_moe(down_axis=1),
-    "qwen3_moe": _fused_moe(down_axis=1),
-    "qwen2_moe": _fused_moe(down_axis=1, shared="mlp.shared_expert.down_proj"),
+    **{t: _fused_moe() for t in ("mixtral", "qwen3_moe", "olmoe", "phimoe")},
+    "granitemoe": _fused_moe(mlp="block_sparse_moe"),
+    "qwen2_moe": _fused_moe(shared="shared_expert"),
     "gpt_oss": _fused_moe(down_axis=2, bias=True),
 }
 
@@ -115,15 +124,23 @@ def model_type(model: nn.Module) -> str:
     return getattr(getattr(config, "text_config", None), "model_type", None) or config.model_type
 
 
+def model_types(model: nn.Module) -> tuple[str, ...]:
+    """The model's own model_type, then its text tower's if it has one (a VLM is tabled under its own)."""
+    config = model.config
+    return tuple(dict.fromkeys(t for t in (config.model_type, model_type(model)) if t))
+
+
 def architecture_for(model: nn.Module) -> Architecture:
     """Look up a model's architecture; unknown families get an error naming what to add."""
-    kind = model_type(model)
-    arch = ARCHITECTURES.get(kind)
+    kinds = model_types(model)
+    arch = next((ARCHITECTURES[k] for k in kinds if k in ARCHITECTURES), None)
     if arch is None:
         known = ", ".join(sorted(ARCHITECTURES))
+        tried = " or ".join(f"'{k}'" for k in kinds)
         raise AbliterateError(
-            f"model type '{kind}' is not in abliterate's architecture table (known: {known}); "
-            "add an entry to abliterate/architectures.py naming its layers and residual writers"
+            f"model type {tried} is not in abliterate's architecture table (known: {known}); "
+            f"add an entry for '{kinds[0]}' to abliterate/architectures.py naming its decoder layers, "
+            "embeddings and residual-stream writers"
         )
     return arch
 
