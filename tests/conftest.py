@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -9,6 +12,18 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 VOCAB = 320
+
+# Tests never touch the user's cache; set ABLITERATE_TEST_CACHE to reuse downloads between sessions.
+_OWN_CACHE = None if os.environ.get("ABLITERATE_TEST_CACHE") else tempfile.mkdtemp(prefix="abliterate-test-cache-")
+os.environ["ABLITERATE_CACHE"] = os.environ.get("ABLITERATE_TEST_CACHE") or _OWN_CACHE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cache():
+    """Delete the session's own cache folder at the end."""
+    yield
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def tiny_config(model_type: str, **overrides):

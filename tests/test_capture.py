@@ -45,3 +45,16 @@ def test_means_depend_on_content_and_difference_is_unit():
     projected = difference_of_means(a, b, project_harmless_mean=True)
     base = b.mean / b.mean.norm(dim=-1, keepdim=True)
     assert (projected.directions[0, 1:] * base[0, 1:]).sum(-1).abs().max() < 1e-10
+
+
+def test_long_prompts_are_cut_from_the_left():
+    from abliterate.model import encode, limit_prompt_length
+
+    model, tok = tiny_model("llama", dtype=torch.float64, max_position_embeddings=64), tiny_tokenizer()
+    tok.padding_side, tok.truncation_side = "left", "left"
+    long_prompt = "<|user|>" + "word " * 100 + "<|end|><|assistant|>"
+    assert limit_prompt_length(tok, model, [long_prompt, TEXTS[0]], reserve=16) == 1
+    batch = encode(tok, [long_prompt, TEXTS[0]], "cpu")
+    assert batch["input_ids"].shape[1] == 48
+    assert tok.decode(batch["input_ids"][0, -2:]) == "<|end|><|assistant|>"  # the answer still starts right
+    model(**batch)  # and fits the model's positions

@@ -42,7 +42,7 @@ def check_run_folder(out, direction_tolerance=1e-4):
 
 def test_tiny_run_end_to_end(tmp_path, tiny_checkpoint):
     out = tmp_path / "run"
-    r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST)
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST, env={"ABLITERATE_CACHE": str(tmp_path / "c1")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "before / after" in r.stderr and "candidate directions" in r.stderr
     record, _ = check_run_folder(out)
@@ -53,8 +53,32 @@ def test_tiny_run_end_to_end(tmp_path, tiny_checkpoint):
     assert metrics["kl_first_token_harmless"]["n"] == 4
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert len(evaluation["harmful"]) == 4 and {"before", "after", "before_label"} <= set(evaluation["harmful"][0])
-    # The same seed chooses the same direction and writes bit-identical weights.
+    # The same seed, with an empty cache, chooses the same direction and writes bit-identical weights.
     again = tmp_path / "again"
-    r = run_cli("run", str(tiny_checkpoint), "--out", str(again), *FAST, "--no-eval")
+    r = run_cli(
+        "run",
+        str(tiny_checkpoint),
+        "--out",
+        str(again),
+        *FAST,
+        "--no-eval",
+        env={"ABLITERATE_CACHE": str(tmp_path / "c2")},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" not in r.stderr
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # A rerun with the same cache resumes the collect and select stages and gives the same weights.
+    third = tmp_path / "third"
+    r = run_cli(
+        "run",
+        str(tiny_checkpoint),
+        "--out",
+        str(third),
+        *FAST,
+        "--no-eval",
+        env={"ABLITERATE_CACHE": str(tmp_path / "c2")},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "collect residual means: resumed" in r.stderr and "selection: resumed" in r.stderr
+    assert (third / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert json.loads((third / "abliteration.json").read_text())["selection"] == record["selection"]

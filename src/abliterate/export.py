@@ -20,7 +20,7 @@ from . import __version__
 from .capture import ResidualMeans
 from .directions import Candidates
 from .errors import AbliterateError
-from .model import DTYPES, LoadedModel
+from .model import DTYPES, LoadedModel, context_length
 from .report import metrics_rows
 from .select import Selection
 from .settings import Settings
@@ -61,6 +61,8 @@ def save_model(lm: LoadedModel, folder: Path, dtype: str) -> None:
     finally:
         net.to(original)
     lm.tokenizer.padding_side = "left"
+    # The run lowered model_max_length to leave room for answers; save the model's real context.
+    lm.tokenizer.model_max_length = context_length(net) or lm.tokenizer.model_max_length
     lm.tokenizer.save_pretrained(folder)
 
 

@@ -182,6 +182,7 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # the last prompt token sits at position -1 for every row
+    tokenizer.truncation_side = "left"
     source_dtype = torch.float32 if source.kind in ("builtin", "gguf") else _config_dtype(model, compute_dtype)
     return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype)
 
@@ -237,15 +238,18 @@ def _cache_dequantized(gguf_path: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def encode(tokenizer, texts: list[str], device: torch.device | str, max_length: int | None = None) -> dict:
-    """Tokenize with left padding; position ids follow the attention mask so padding changes nothing."""
+def encode(tokenizer, texts: list[str], device: torch.device | str) -> dict:
+    """Tokenize with left padding; position ids follow the attention mask so padding changes nothing.
+
+    Prompts longer than tokenizer.model_max_length lose their beginning (truncation_side is left),
+    so the end of the chat template, where the answer starts, is always kept.
+    """
     batch = tokenizer(
         texts,
         return_tensors="pt",
         padding=True,
         add_special_tokens=False,  # chat templates already carry their special tokens
-        truncation=max_length is not None,
-        max_length=max_length,
+        truncation=True,
     )
     mask = batch["attention_mask"]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -305,3 +309,19 @@ def generate(
 def kl_divergence(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
     """Per row KL(reference || edited) of distributions given as log-probs."""
     return (reference.exp() * (reference - edited)).sum(-1).clamp_min(0)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for, where its config says."""
+    config = getattr(model.config, "text_config", None) or model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def limit_prompt_length(tokenizer, model: nn.Module, texts: list[str], reserve: int) -> int:
+    """Make encode() truncate prompts to the context minus `reserve` new tokens; return how many were too long."""
+    context = context_length(model)
+    if context is None:
+        return 0
+    limit = max(8, context - reserve)
+    tokenizer.model_max_length = limit
+    return sum(len(ids) > limit for ids in tokenizer(texts, add_special_tokens=False).input_ids)

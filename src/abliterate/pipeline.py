@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import capture, directions, evaluate, export, model, prompts, report
+from . import capture, directions, evaluate, export, model, prompts, report, resume
 from .edit import orthogonalize
 from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
@@ -96,33 +96,54 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     )
     tok, net, arch = lm.tokenizer, lm.model, lm.arch
     fmt = lambda ps: prompts.format_all(tok, ps.texts, settings.system_prompt)  # noqa: E731
+    every_prompt = [
+        text for parts in splits.values() for part in (parts.train, parts.val, parts.test) for text in fmt(part)
+    ]
+    too_long = model.limit_prompt_length(tok, net, every_prompt, settings.max_new_tokens)
+    if too_long:
+        console.print(
+            f"[yellow]warning:[/] {too_long} prompts are longer than the context allows "
+            f"({tok.model_max_length} tokens with room for the answer); their beginnings are cut"
+        )
     bs = settings.batch_size
 
     harmful_train, harmless_train = fmt(splits["harmful"].train), fmt(splits["harmless"].train)
-    with progress_bar(console, "collect residual means", len(harmful_train) + len(harmless_train)) as step:
-        harmful_means = capture.collect(net, tok, arch, harmful_train, bs, settings.positions, step)
-        harmless_means = capture.collect(net, tok, arch, harmless_train, bs, settings.positions, step)
+    inputs = {
+        "harmful_train": splits["harmful"].train.sha256,
+        "harmless_train": splits["harmless"].train.sha256,
+        "system_prompt": settings.system_prompt,
+        "positions": settings.positions,
+        "dtype": str(next(net.parameters()).dtype),
+        "max_length": tok.model_max_length,
+    }
+    means_key = resume.stage_key(lm.source, "collect", inputs)
+    cached = resume.load_means(means_key)
+    if cached:
+        harmful_means, harmless_means = cached
+        console.print("  collect residual means: resumed from the cache")
+    else:
+        with progress_bar(console, "collect residual means", len(harmful_train) + len(harmless_train)) as step:
+            harmful_means = capture.collect(net, tok, arch, harmful_train, bs, settings.positions, step)
+            harmless_means = capture.collect(net, tok, arch, harmless_train, bs, settings.positions, step)
+        resume.save_means(means_key, harmful_means, harmless_means)
     candidates = directions.difference_of_means(harmful_means, harmless_means, settings.project_harmless_mean)
 
-    console.print("[bold]learning[/] how this model opens its refusals")
-    refusal_tokens = find_refusal_tokens(net, tok, harmful_train[:32], harmless_train[:16], bs)
-    console.print(
-        f"  refusal openings {list(refusal_tokens.tokens)} (precision {refusal_tokens.precision:.2f}, "
-        f"{refusal_tokens.refusals_seen} refusals in {refusal_tokens.answers_seen} answers)"
-    )
-    harmful_val, harmless_val = fmt(splits["harmful"].val), fmt(splits["harmless"].val)
-    n_layers = candidates.directions.shape[1] - 1
-    n_steps = (
-        1
-        if settings.layer is not None
-        else settings.positions * max(1, int(n_layers * (1 - settings.skip_last_layers)))
-    )
-    with progress_bar(console, "score candidate directions", n_steps + settings.top_k * 5) as step:
-        selection = select_direction(
-            net, tok, arch, candidates, harmful_val, harmless_val, refusal_tokens, bs,
-            max_kl=settings.max_kl, kl_margin=settings.kl_margin, skip_last_layers=settings.skip_last_layers,
-            layer=settings.layer, on_step=lambda _: step(),
-        )  # fmt: skip
+    select_inputs = {
+        **inputs,
+        "harmful_val": splits["harmful"].val.sha256,
+        "harmless_val": splits["harmless"].val.sha256,
+        **{
+            k: getattr(settings, k)
+            for k in ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k")
+        },
+    }
+    select_key = resume.stage_key(lm.source, "select", select_inputs)
+    selection = resume.load_selection(select_key)
+    if selection:
+        console.print("  candidate selection: resumed from the cache")
+    else:
+        selection = _select(console, lm, settings, candidates, harmful_train, harmless_train, splits)
+        resume.save_selection(select_key, selection)
     report.print_candidates(console, selection)
     chosen = selection.chosen
     direction = candidates.direction(chosen.position, chosen.layer)
@@ -150,6 +171,31 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     seconds = time.time() - started
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
     return RunResult(out, selection, metrics, seconds)
+
+
+def _select(console: Console, lm, settings: Settings, candidates, harmful_train, harmless_train, splits) -> Selection:
+    """Learn the refusal openings, then score candidates and search the edit strength."""
+    tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
+    console.print("[bold]learning[/] how this model opens its refusals")
+    refusal_tokens = find_refusal_tokens(net, tok, harmful_train[:32], harmless_train[:16], bs)
+    console.print(
+        f"  refusal openings {list(refusal_tokens.tokens)} (precision {refusal_tokens.precision:.2f}, "
+        f"{refusal_tokens.refusals_seen} refusals in {refusal_tokens.answers_seen} answers)"
+    )
+    fmt = lambda ps: prompts.format_all(tok, ps.texts, settings.system_prompt)  # noqa: E731
+    harmful_val, harmless_val = fmt(splits["harmful"].val), fmt(splits["harmless"].val)
+    n_layers = candidates.directions.shape[1] - 1
+    scans = (
+        1
+        if settings.layer is not None
+        else settings.positions * max(1, int(n_layers * (1 - settings.skip_last_layers)))
+    )
+    with progress_bar(console, "score candidate directions", scans + settings.top_k * 5) as step:
+        return select_direction(
+            net, tok, arch, candidates, harmful_val, harmless_val, refusal_tokens, bs,
+            max_kl=settings.max_kl, kl_margin=settings.kl_margin, skip_last_layers=settings.skip_last_layers,
+            layer=settings.layer, top_k=settings.top_k, on_step=lambda _: step(),
+        )  # fmt: skip
 
 
 def _measure(console: Console, lm: model.LoadedModel, splits: dict, settings: Settings, when: str) -> dict:

@@ -1,0 +1,112 @@
+"""Per-stage artifacts in the cache, so an interrupted or repeated run resumes instead of recomputing.
+
+A stage's result is stored under $ABLITERATE_CACHE/stages/KEY/, where KEY hashes everything the
+result depends on (model identity, prompt hashes, the settings that matter, abliterate's version).
+Files are written to a temp name and renamed, so a Ctrl-C never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__, offline
+from .capture import ResidualMeans
+from .model import ModelSource
+from .select import CandidateScore, RefusalTokens, Selection
+
+
+def model_identity(source: ModelSource) -> str:
+    """A string that changes when the model's weights change."""
+    if source.sha256:
+        return source.sha256
+    if source.kind == "folder" and source.path:
+        files = sorted(p for p in source.path.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
+        return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return source.spec
+
+
+def stage_key(source: ModelSource, stage: str, inputs: dict) -> str:
+    """Hash of a stage's inputs."""
+    payload = json.dumps({"v": __version__, "model": model_identity(source), "stage": stage, **inputs}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _folder(key: str) -> Path:
+    return offline.cache_dir() / "stages" / key
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_means(key: str, harmful: ResidualMeans, harmless: ResidualMeans) -> None:
+    """Store both running sums with their counts."""
+    tensors = {"harmful": harmful.sums, "harmless": harmless.sums}
+    meta = {"harmful_count": str(harmful.count), "harmless_count": str(harmless.count)}
+    _atomic(_folder(key) / "means.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_means(key: str) -> tuple[ResidualMeans, ResidualMeans] | None:
+    """The stored means, or None if this stage has not finished before."""
+    path = _folder(key) / "means.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    return (
+        ResidualMeans(tensors["harmful"].to(torch.float64), int(meta["harmful_count"])),
+        ResidualMeans(tensors["harmless"].to(torch.float64), int(meta["harmless_count"])),
+    )
+
+
+def save_selection(key: str, selection: Selection) -> None:
+    """Store the selection (every score and the choice) as JSON."""
+    data = {
+        "chosen": selection.scores.index(selection.chosen),
+        "scores": [s.as_dict() for s in selection.scores],
+        "baseline_refusal_harmful": selection.baseline_refusal_harmful,
+        "baseline_refusal_harmless": selection.baseline_refusal_harmless,
+        "kl_threshold": selection.kl_threshold,
+        "refusal_tokens": dataclasses.asdict(selection.refusal_tokens),
+        "reason": selection.reason,
+    }
+    _atomic(_folder(key) / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(data)))
+
+
+def load_selection(key: str) -> Selection | None:
+    """The stored selection, or None."""
+    path = _folder(key) / "selection.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    scores = [CandidateScore(**s) for s in data["scores"]]
+    tokens = data["refusal_tokens"]
+    refusal_tokens = RefusalTokens(**{**tokens, "ids": tuple(tokens["ids"]), "tokens": tuple(tokens["tokens"])})
+    return Selection(
+        scores[data["chosen"]],
+        scores,
+        data["baseline_refusal_harmful"],
+        data["baseline_refusal_harmless"],
+        data["kl_threshold"],
+        refusal_tokens,
+        data["reason"],
+    )
