@@ -11,10 +11,15 @@ from test_cli import FAST, run_cli
 from test_edit import residual_streams
 
 from abliterate.architectures import architecture_for
+from abliterate.edit import EditParams, ablation
 
 
-def check_run_folder(out, direction_tolerance=1e-4):
-    """Shared checks for a finished run folder; returns (record, reloaded model)."""
+def check_run_folder(out, original_folder, direction_tolerance=1e-4):
+    """Shared checks for a finished run folder; returns (record, reloaded model).
+
+    The saved model must reproduce the original model under ablation hooks with the recorded
+    direction and edit parameters; a full ablation must leave no component along the direction.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
@@ -31,12 +36,22 @@ def check_run_folder(out, direction_tolerance=1e-4):
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     direction = load_file(str(out / "directions.safetensors"))["direction"].double()
     assert abs(direction.norm().item() - 1) < 1e-5
+    params = EditParams(record["edit"]["scale"], record["edit"]["start_layer"])
     ids = torch.randint(3, min(VOCAB, reloaded.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
+    original = AutoModelForCausalLM.from_pretrained(original_folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        streams = residual_streams(reloaded, architecture_for(reloaded), ids)
-    for h in streams:
-        rel = (h.double() @ direction).abs() / h.double().norm(dim=-1)
-        assert rel.max() < direction_tolerance
+        edited_logits = reloaded(input_ids=ids).logits
+        original_logits = original(input_ids=ids).logits
+        with ablation(original, architecture_for(original), direction, params):
+            hooked_logits = original(input_ids=ids).logits
+    assert (edited_logits - original_logits).abs().max() > 1e-3  # the saved model really is edited
+    torch.testing.assert_close(edited_logits, hooked_logits, rtol=1e-3, atol=1e-3)
+    if params == EditParams():
+        with torch.no_grad():
+            streams = residual_streams(reloaded, architecture_for(reloaded), ids)
+        for h in streams:
+            rel = (h.double() @ direction).abs() / h.double().norm(dim=-1)
+            assert rel.max() < direction_tolerance
     return record, reloaded
 
 
@@ -45,7 +60,7 @@ def test_tiny_run_end_to_end(tmp_path, tiny_checkpoint):
     r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST, env={"ABLITERATE_CACHE": str(tmp_path / "c1")})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "before / after" in r.stderr and "candidate directions" in r.stderr
-    record, _ = check_run_folder(out)
+    record, _ = check_run_folder(out, tiny_checkpoint)
     assert record["model"]["kind"] == "folder"
     assert record["settings"]["n_train"] == 8
     metrics = record["metrics"]

@@ -8,6 +8,8 @@ import pytest
 from test_cli import run_cli
 from test_pipeline import check_run_folder
 
+from abliterate import offline
+
 pytestmark = pytest.mark.slow
 
 
@@ -16,7 +18,8 @@ def test_smollm2_run_end_to_end(tmp_path):
     args = ["--n-train", "24", "--n-val", "8", "--n-test", "8", "--max-new-tokens", "48", "--batch-size", "8"]
     r = run_cli("run", "smollm2-135m-instruct", "--out", str(out), *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    record, model = check_run_folder(out, direction_tolerance=1e-4)
+    original = offline.dequantized_dir(offline.BUILTIN_MODELS["smollm2-135m-instruct"])
+    record, model = check_run_folder(out, original, direction_tolerance=1e-4)
     assert record["model"]["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert record["model"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()

@@ -104,5 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """Console-script entry point."""
+    code = main()
+    if code == 130:
+        # A loader's worker threads may still be unwinding; Python would wait for them and could
+        # end by re-raising SIGINT. The output is already cleaned up, so leave with 130 now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
