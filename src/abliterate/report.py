@@ -22,7 +22,9 @@ def _pct(rate: dict) -> str:
 def print_candidates(console: Console, selection: Selection, limit: int = 12) -> None:
     """The candidates measured in full, best ablated refusal first, and the choice."""
     table = Table(title="candidate directions (validation; refusal = log-odds of the refusal openings)")
-    for col in ("pos", "layer", "refusal, full ablation", "induced", "scale", "from layer", "refusal", "KL", ""):
+    # ablated: refusal with the direction fully removed; induced: refusal on harmless prompts with it
+    # added; scale/from/refusal/KL: the strongest edit within the KL budget found by the search.
+    for col in ("pos", "layer", "ablated", "induced", "scale", "from", "refusal", "KL", ""):
         table.add_column(col, justify="right")
     ranked = sorted(selection.scores, key=lambda s: s.refusal_ablated)[:limit]
     for s in ranked:
