@@ -181,3 +181,34 @@ def test_judge_command(tmp_path):
     bad.write_text('{"prompt": "x"}\n')
     assert_clean_failure(run_cli("judge", str(bad), "--out", str(tmp_path / "o2.jsonl")), "bad.jsonl:1")
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+def _overflowing_checkpoint(folder, scale):
+    """A tiny model whose activations exceed float16's range when the embeddings are scaled up."""
+    import torch
+    from conftest import save_tiny_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_checkpoint(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.embed_tokens.weight"] *= scale
+    if scale == float("inf"):
+        weights["model.embed_tokens.weight"] = torch.full_like(weights["model.embed_tokens.weight"], float("nan"))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_float16_overflow_falls_back_to_float32(tmp_path):
+    ckpt = _overflowing_checkpoint(tmp_path / "big", 1e7)
+    out = tmp_path / "o"
+    r = run_cli("run", str(ckpt), "--out", str(out), *FAST, "--no-eval", "--dtype", "float16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "overflows to inf/NaN" in r.stderr and "float32 instead" in r.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def test_broken_weights_are_one_line_error(tmp_path):
+    ckpt = _overflowing_checkpoint(tmp_path / "nan", float("inf"))
+    r = run_cli("run", str(ckpt), "--out", str(tmp_path / "o"), *FAST, "--no-eval")
+    assert r.returncode == 2 and "inf/NaN logits" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -325,3 +325,11 @@ def limit_prompt_length(tokenizer, model: nn.Module, texts: list[str], reserve: 
     limit = max(8, context - reserve)
     tokenizer.model_max_length = limit
     return sum(len(ids) > limit for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+
+
+@torch.no_grad()
+def forward_is_finite(model: nn.Module, tokenizer, texts: list[str]) -> bool:
+    """Whether a forward pass over a few prompts gives finite logits (half precision can overflow)."""
+    device = model.get_input_embeddings().weight.device
+    logits = model(**encode(tokenizer, texts, device), use_cache=False).logits
+    return bool(torch.isfinite(logits).all())

@@ -72,6 +72,8 @@ def check_settings(settings: Settings) -> Path:
             raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1")
     if settings.n_test < 1 and not settings.no_eval:
         raise AbliterateError("--n-test must be at least 1 (or pass --no-eval)")
+    if settings.top_k < 1:
+        raise AbliterateError("--top-k must be at least 1")
     if settings.max_kl <= 0:
         raise AbliterateError("--max-kl must be positive")
     return out
@@ -79,21 +81,14 @@ def check_settings(settings: Settings) -> Path:
 
 def run(settings: Settings, console: Console | None = None) -> RunResult:
     """Collect, compute directions, select, orthogonalize, evaluate and save one abliteration."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     started = time.time()
     torch.manual_seed(settings.seed)
     out = check_settings(settings)
     splits = load_prompt_sets(settings)
     source = model.resolve(settings.model, settings.allow_pickle)
     console.print(f"[bold]loading[/] {settings.model}")
-    lm = model.load(
-        source,
-        settings.dtype,
-        settings.device,
-        settings.trust_remote_code,
-        settings.allow_pickle,
-        console.print,
-    )
+    lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4])
     tok, net, arch = lm.tokenizer, lm.model, lm.arch
     fmt = lambda ps: prompts.format_all(tok, ps.texts, settings.system_prompt)  # noqa: E731
     every_prompt = [
@@ -171,6 +166,32 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     seconds = time.time() - started
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
     return RunResult(out, selection, metrics, seconds)
+
+
+def _load_finite(
+    console: Console, source: model.ModelSource, settings: Settings, probe: list[str]
+) -> model.LoadedModel:
+    """Load the model; if a half-precision forward pass overflows to inf/NaN, reload in float32."""
+    load = lambda dtype: model.load(  # noqa: E731
+        source, dtype, settings.device, settings.trust_remote_code, settings.allow_pickle, console.print
+    )
+    lm = load(settings.dtype)
+    texts = prompts.format_all(lm.tokenizer, probe, settings.system_prompt)
+    if model.forward_is_finite(lm.model, lm.tokenizer, texts):
+        return lm
+    dtype = next(lm.model.parameters()).dtype
+    if dtype in (torch.float32, torch.float64):
+        raise AbliterateError(
+            f"the model gives inf/NaN logits in {dtype}; its weights are broken, check the checkpoint"
+        )
+    console.print(f"[yellow]warning:[/] {dtype} overflows to inf/NaN on this model; computing in float32 instead")
+    del lm
+    lm = load("float32")
+    if not model.forward_is_finite(lm.model, lm.tokenizer, texts):
+        raise AbliterateError(
+            "the model gives inf/NaN logits even in float32; its weights are broken, check the checkpoint"
+        )
+    return lm
 
 
 def _select(console: Console, lm, settings: Settings, candidates, harmful_train, harmless_train, splits) -> Selection:
