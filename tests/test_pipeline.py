@@ -97,3 +97,18 @@ def test_tiny_run_end_to_end(tmp_path, tiny_checkpoint):
     assert "collect residual means: resumed" in r.stderr and "selection: resumed" in r.stderr
     assert (third / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     assert json.loads((third / "abliteration.json").read_text())["selection"] == record["selection"]
+
+
+def test_apply_reproduces_a_run_bit_for_bit(tmp_path, tiny_checkpoint):
+    out = tmp_path / "run"
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST, "--no-eval", "--layer", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    applied = tmp_path / "applied"
+    r = run_cli("apply", str(tiny_checkpoint), "--edit", str(out / "abliteration.json"), "--out", str(applied))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (applied / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert "re-applied" in (applied / "README.md").read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    r = run_cli("apply", str(tiny_checkpoint), "--edit", str(bad), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "not a usable abliteration record" in r.stderr and not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""Command line: abliterate run | models | judge."""
+"""Command line: abliterate run | apply | models | judge."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = settings.resolve(vars(args))
     pipeline.run(cfg)
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    pipeline.apply(
+        args.source, args.edit, args.out, args.force, args.dtype, args.device, args.trust_remote_code, args.allow_pickle
+    )
     return 0
 
 
@@ -74,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="collect, select, ablate, evaluate and save")
     settings.add_arguments(run)
     run.set_defaults(func=_cmd_run)
+    apply = sub.add_parser("apply", help="re-apply a run's edit (abliteration.json) to a model and save it")
+    apply.add_argument("source", help="the model to edit: built-in name, HF folder, .gguf file or hub id")
+    apply.add_argument(
+        "--edit", required=True, help="abliteration.json of a run (its directions.safetensors beside it)"
+    )
+    apply.add_argument("--out", required=True, help="output folder")
+    apply.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    apply.add_argument("--dtype", default="auto", help="compute and save dtype (default: the source's)")
+    apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    apply.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
+    apply.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    apply.set_defaults(func=_cmd_apply)
     models = sub.add_parser("models", help="list built-in offline models and their cache status")
     models.set_defaults(func=_cmd_models)
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")

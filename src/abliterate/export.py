@@ -72,7 +72,7 @@ def save_directions(
     """The chosen direction, every candidate and the means it came from, as safetensors."""
     save_file(
         {
-            "direction": chosen.float().contiguous(),
+            "direction": chosen.double().contiguous(),  # float64, so `apply` reproduces the edit bit for bit
             "candidate_directions": candidates.directions.float().contiguous(),
             "mean_differences": candidates.diffs.float().contiguous(),
             "harmful_means": harmful.mean.float().contiguous(),
@@ -204,6 +204,9 @@ def model_card(rec: dict) -> str:
         "## Evaluation",
         "",
     ]
+    if "applied_to" in rec:
+        lines += [f"This edit was re-applied to `{rec['applied_to']['source']}` with `abliterate apply`; the numbers below "
+                  "were measured by the run that made it.", ""]  # fmt: skip
     if rec["metrics"]:
         lines += ["| metric | original | abliterated | paired p |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metrics_rows(rec["metrics"])]
@@ -256,3 +259,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_file_copy(source: Path, target: Path) -> None:
+    """Copy a file into the staging folder."""
+    shutil.copyfile(source, target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import capture, directions, evaluate, export, model, prompts, report, resume
-from .edit import orthogonalize
+from .edit import EditParams, orthogonalize
 from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
 from .settings import Settings
@@ -232,3 +233,47 @@ def _measure(console: Console, lm: model.LoadedModel, splits: dict, settings: Se
     harmless = prompts.format_all(tok, splits["harmless"].test.texts, settings.system_prompt)
     result["harmless_logprobs"] = model.last_token_logprobs(net, tok, harmless, bs)
     return result
+
+
+def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype: str = "auto", device: str = "auto",
+          trust_remote_code: bool = False, allow_pickle: bool = False, console: Console | None = None) -> Path:  # fmt: skip
+    """Re-apply a recorded edit (abliteration.json + its directions file) to a model and save it."""
+    from safetensors.torch import load_file
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    record_path = Path(edit_file).expanduser()
+    if not record_path.is_file():
+        raise AbliterateError(f"edit file {record_path} does not exist; pass the abliteration.json of a run")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        edit = record["edit"]
+        params = EditParams(float(edit["scale"]), int(edit.get("start_layer", 0)))
+        directions_file = record_path.parent / edit["direction_file"]
+        direction = load_file(str(directions_file))[edit["direction_key"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as exc:
+        raise AbliterateError(
+            f"{record_path} is not a usable abliteration record ({exc}); pass a run's abliteration.json"
+        ) from None
+    out = Path(out_dir).expanduser()
+    if out.exists() and not force:
+        raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    resolved = model.resolve(source, allow_pickle)
+    console.print(f"[bold]loading[/] {source}")
+    lm = model.load(resolved, dtype, device, trust_remote_code, allow_pickle, console.print)
+    if direction.shape[-1] != lm.model.get_input_embeddings().weight.shape[1]:
+        raise AbliterateError(
+            f"the direction has {direction.shape[-1]} dimensions but {source} has a different hidden size; use the model the edit was made on"
+        )
+    edited = orthogonalize(lm.model, lm.arch, direction, params)
+    with export.staging(out, force) as tmp:
+        export.save_model(lm, tmp, dtype)
+        export.save_file_copy(directions_file, tmp / "directions.safetensors")
+        applied = {
+            **record,
+            "applied_to": {"source": source, "sha256": resolved.sha256},
+            "edit": {**edit, "edited_tensors": edited},
+        }
+        export.write_json(tmp / "abliteration.json", applied)
+        (tmp / "README.md").write_text(export.model_card(applied), encoding="utf-8")
+    console.print(f"[bold green]saved[/] {out}")
+    return out
