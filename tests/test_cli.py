@@ -212,3 +212,20 @@ def test_broken_weights_are_one_line_error(tmp_path):
     r = run_cli("run", str(ckpt), "--out", str(tmp_path / "o"), *FAST, "--no-eval")
     assert r.returncode == 2 and "inf/NaN logits" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_gguf_base_model_is_read_from_metadata(tmp_path):
+    import gguf
+
+    from abliterate.model import resolve
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.base_model.0.repo_url", "https://huggingface.co/SomeOrg/Some-Model-7B")
+    writer.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = resolve(str(path))
+    assert source.kind == "gguf" and source.base_model == "SomeOrg/Some-Model-7B" and len(source.sha256) == 64

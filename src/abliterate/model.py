@@ -83,7 +83,9 @@ def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
         if not path.is_file():
             raise AbliterateError(f"GGUF file {path} does not exist; check the path")
         check_gguf(path)
-        return ModelSource(spec, "gguf", path.parent.resolve(), path.name, sha256=offline.sha256_file(path))
+        return ModelSource(
+            spec, "gguf", path.parent.resolve(), path.name, _gguf_base_model(path), sha256=offline.sha256_file(path)
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise AbliterateError(
@@ -99,6 +101,20 @@ def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
             f"model '{spec}' is neither a local path nor a built-in model ({names}) nor a hub id (owner/name)"
         )
     return ModelSource(spec, "hub", base_model=spec)
+
+
+def _gguf_base_model(path: Path) -> str | None:
+    """The hub id a GGUF was converted from, where its metadata records one."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    for key in ("general.base_model.0.repo_url", "general.source.huggingface.repository", "general.source.url"):
+        if key in fields:
+            value = str(fields[key].contents())
+            tail = value.split("huggingface.co/")[-1].strip("/")
+            if tail.count("/") == 1:
+                return tail
+    return None
 
 
 def _base_model_of(folder: Path) -> str | None:

@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()
             continue
         kind, help_ = types_[f.name], f"{f.metadata['help']} (default: {f.default})"
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_)
+            parser.add_argument(f.name, nargs="?", default=None, help=help_)
         elif kind is bool:
             parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=help_)
         else:
