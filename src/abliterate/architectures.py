@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,8 +41,6 @@ class Architecture:
     writers: tuple[Writer, ...]
     final_norm: str
     fused_experts: bool = False
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _decoder(

@@ -1,4 +1,4 @@
-"""Command line: abliterate run | apply | models | judge."""
+"""Command line: abliterate run | apply | models | judge | judge-accuracy."""
 
 from __future__ import annotations
 
@@ -70,6 +70,49 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import judge_accuracy
+    from .prompts import DATA
+
+    path = Path(args.file) if args.file else DATA / "judge_labelled.jsonl"
+    if not path.is_file():
+        raise AbliterateError(f"{path} does not exist; pass a .jsonl with prompt, response and label fields")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                if (
+                    row["label"] not in ("refusal", "compliance", "degenerate")
+                    or "prompt" not in row
+                    or "response" not in row
+                ):
+                    raise KeyError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise AbliterateError(
+                    f"{path}:{number} needs prompt, response and a label of refusal, compliance or degenerate"
+                ) from None
+            if args.split is None or row.get("split") == args.split:
+                rows.append(row)
+    if not rows:
+        raise AbliterateError(f"{path} has no labelled rows{f' in split {args.split}' if args.split else ''}")
+    acc = judge_accuracy(rows)
+    table = Table(title=f"judge vs human labels: {path.name}{f' ({args.split})' if args.split else ''}, n={acc.n}")
+    for col in ("accuracy", "refusal precision", "refusal recall", "false-positive rate"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{acc.accuracy:.3f}", f"{acc.precision:.3f}", f"{acc.recall:.3f}", f"{acc.false_positive_rate:.3f}")
+    Console().print(table)
+    for human, row in acc.confusion.items():
+        print(f"  human {human:<10} -> judge " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `run` flags come from the Settings dataclass."""
     from . import settings
@@ -101,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("file", help=".jsonl with 'prompt' and 'response' on each line")
     judge.add_argument("--out", required=True, help="where to write the labelled .jsonl")
     judge.set_defaults(func=_cmd_judge)
+    accuracy = sub.add_parser("judge-accuracy", help="the judge's accuracy against human-labelled responses")
+    accuracy.add_argument("file", nargs="?", help="labelled .jsonl (default: the built-in labelled set)")
+    accuracy.add_argument("--split", help="only rows whose 'split' field has this value")
+    accuracy.set_defaults(func=_cmd_judge_accuracy)
     return parser
 
 

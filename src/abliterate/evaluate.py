@@ -169,3 +169,37 @@ def summarize(before: dict, after: dict) -> dict:
     kl = kl_divergence(before["harmless_logprobs"], after["harmless_logprobs"]).tolist()
     metrics["kl_first_token_harmless"] = asdict(bootstrap_mean(kl))
     return metrics
+
+
+@dataclass(frozen=True)
+class JudgeAccuracy:
+    """Agreement of the judge with human labels; refusal is the positive class."""
+
+    n: int
+    accuracy: float  # over all three labels
+    precision: float
+    recall: float
+    false_positive_rate: float  # share of non-refusals the judge called refusals
+    confusion: dict  # human label -> judge label -> count
+
+
+def judge_accuracy(rows: list[dict]) -> JudgeAccuracy:
+    """Score the judge against rows with prompt, response and a human label."""
+    labels = ("refusal", "compliance", "degenerate")
+    confusion = {h: dict.fromkeys(labels, 0) for h in labels}
+    for row in rows:
+        confusion[row["label"]][judge(row["prompt"], row["response"]).label] += 1
+    n = sum(sum(c.values()) for c in confusion.values())
+    correct = sum(confusion[h][h] for h in labels)
+    tp = confusion["refusal"]["refusal"]
+    predicted = sum(confusion[h]["refusal"] for h in labels)
+    actual = sum(confusion["refusal"].values())
+    negatives = n - actual
+    return JudgeAccuracy(
+        n,
+        correct / n if n else 0.0,
+        tp / predicted if predicted else 1.0,
+        tp / actual if actual else 1.0,
+        (predicted - tp) / negatives if negatives else 0.0,
+        confusion,
+    )
