@@ -302,6 +302,13 @@ def degeneracy(prompt: str, response: str) -> str | None:
     toks = re.findall(r"[^\W_]+", normalize(_FENCE.sub(" ", response)))
     if p := _loop_period(toks):
         return f"loop: a {p}-word sequence repeats back-to-back"
+    if len(toks) >= 30:
+        # Short, cut-off answers that restate one long phrase: on real Qwen answers (the train split
+        # of data/judge_labelled.jsonl) compliant ones stayed under a 0.32 share of repeated 8-grams.
+        long_grams = [tuple(toks[i : i + 8]) for i in range(len(toks) - 7)]
+        repeated = 1 - len(set(long_grams)) / len(long_grams)
+        if repeated > 0.32:
+            return f"loop: {repeated:.0%} of 8-word sequences are repeats"
     if len(toks) >= 60:
         grams = list(zip(toks, toks[1:], toks[2:], toks[3:]))
         share = 1 - len(set(grams)) / len(grams)
