@@ -31,6 +31,9 @@ def staging(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temp folder beside `out`; on success it replaces `out`, on any failure it vanishes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output folder should not be
     try:
         yield tmp
         if out.exists():
