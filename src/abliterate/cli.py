@@ -49,57 +49,33 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
     from .export import atomic_write_text
     from .judge import judge
+    from .prompts import read_jsonl
 
-    source = Path(args.file)
-    if not source.is_file():
-        raise AbliterateError(f"{source} does not exist; pass a .jsonl file with prompt and response fields")
     lines = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            prompt, response = item["prompt"], item["response"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise AbliterateError(
-                f"{source}:{number} needs a JSON object with 'prompt' and 'response'; fix that line"
-            ) from None
-        verdict = judge(str(prompt), str(response or ""))
+    for item in read_jsonl(Path(args.file), ("prompt", "response")):
+        verdict = judge(str(item["prompt"]), str(item["response"] or ""))
         lines.append(json.dumps({**item, "label": verdict.label, "score": round(verdict.score, 4)}, ensure_ascii=False))
     atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     return 0
 
 
 def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
     from .evaluate import judge_accuracy
-    from .prompts import DATA
+    from .prompts import DATA, read_jsonl
 
     path = Path(args.file) if args.file else DATA / "judge_labelled.jsonl"
-    if not path.is_file():
-        raise AbliterateError(f"{path} does not exist; pass a .jsonl with prompt, response and label fields")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                if (
-                    row["label"] not in ("refusal", "compliance", "degenerate")
-                    or "prompt" not in row
-                    or "response" not in row
-                ):
-                    raise KeyError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise AbliterateError(
-                    f"{path}:{number} needs prompt, response and a label of refusal, compliance or degenerate"
-                ) from None
-            if args.split is None or row.get("split") == args.split:
-                rows.append(row)
+    rows = read_jsonl(path, ("prompt", "response", "label"))
+    for number, row in enumerate(rows, 1):
+        if row["label"] not in ("refusal", "compliance", "degenerate"):
+            raise AbliterateError(
+                f"{path}: record {number} has label {row['label']!r}; use refusal, compliance or degenerate"
+            )
+    rows = [r for r in rows if args.split is None or r.get("split") == args.split]
     if not rows:
         raise AbliterateError(f"{path} has no labelled rows{f' in split {args.split}' if args.split else ''}")
     acc = judge_accuracy(rows)

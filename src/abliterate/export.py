@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -251,17 +251,22 @@ def model_card(rec: dict) -> str:
     return "\n".join(lines)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temp file in the same folder, so a failure leaves no half-written file."""
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(temp_path) for a temp file beside `path`, then rename it into place; no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_file_copy(source: Path, target: Path) -> None:

@@ -65,7 +65,7 @@ def builtin(name: str) -> PromptSet:
     """One of the sets that ship with abliterate (harmful, harmless, benign_alarming)."""
     if name not in BUILTIN_SETS:
         raise AbliterateError(f"no built-in prompt set '{name}'; choose one of {', '.join(BUILTIN_SETS)}")
-    return _from_records(name, _read_jsonl(DATA / f"{name}.jsonl"), "prompt", "category", DATA / f"{name}.jsonl")
+    return _from_records(name, read_jsonl(DATA / f"{name}.jsonl"), "prompt", "category", DATA / f"{name}.jsonl")
 
 
 def load(spec: str, column: str = "prompt", category_column: str = "category", split: str = "train") -> PromptSet:
@@ -92,7 +92,7 @@ def load_file(path: Path, column: str = "prompt", category_column: str = "catego
         if suffix == ".txt":
             records = [{column: line} for line in raw.decode("utf-8").splitlines()]
         elif suffix == ".jsonl":
-            records = _read_jsonl(path)
+            records = read_jsonl(path)
         elif suffix == ".json":
             data = json.loads(raw.decode("utf-8"))
             records = data if isinstance(data, list) else data.get("prompts", data.get("data"))
@@ -129,14 +129,21 @@ def load_hub(name: str, column: str = "prompt", category_column: str = "category
     return _from_records(name, list(rows), column, category_column, name)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """JSON objects, one per non-empty line; a bad line or a missing field is a one-line error naming it."""
+    if not path.is_file():
+        raise AbliterateError(f"{path} does not exist; pass a .jsonl file")
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise AbliterateError(f"{path}:{number} is not valid JSON ({exc.msg}); fix that line") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AbliterateError(f"{path}:{number} is not valid JSON ({exc.msg}); fix that line") from None
+        if required and not (isinstance(record, dict) and all(k in record for k in required)):
+            raise AbliterateError(f"{path}:{number} needs a JSON object with {', '.join(required)}; fix that line")
+        records.append(record)
     return records
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__, offline
 from .capture import ResidualMeans
+from .export import atomic_write
 from .model import ModelSource
 from .select import CandidateScore, RefusalTokens, Selection
 
@@ -43,23 +42,11 @@ def _folder(key: str) -> Path:
     return offline.cache_dir() / "stages" / key
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_means(key: str, harmful: ResidualMeans, harmless: ResidualMeans) -> None:
     """Store both running sums with their counts."""
     tensors = {"harmful": harmful.sums, "harmless": harmless.sums}
     meta = {"harmful_count": str(harmful.count), "harmless_count": str(harmless.count)}
-    _atomic(_folder(key) / "means.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(_folder(key) / "means.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_means(key: str) -> tuple[ResidualMeans, ResidualMeans] | None:
@@ -89,7 +76,7 @@ def save_selection(key: str, selection: Selection) -> None:
         "refusal_tokens": dataclasses.asdict(selection.refusal_tokens),
         "reason": selection.reason,
     }
-    _atomic(_folder(key) / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(data)))
+    atomic_write(_folder(key) / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(data)))
 
 
 def load_selection(key: str) -> Selection | None:
