@@ -20,6 +20,7 @@ from .select import Selection, find_refusal_tokens, select_direction
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+PARTS = ("train", "val", "test")
 
 
 @dataclass
@@ -91,19 +92,20 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     console.print(f"[bold]loading[/] {settings.model}")
     lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4])
     tok, net, arch = lm.tokenizer, lm.model, lm.arch
-    fmt = lambda ps: prompts.format_all(tok, ps.texts, settings.system_prompt)  # noqa: E731
-    every_prompt = [
-        text for parts in splits.values() for part in (parts.train, parts.val, parts.test) for text in fmt(part)
-    ]
-    too_long = model.limit_prompt_length(tok, net, every_prompt, settings.max_new_tokens)
+    texts = {
+        key: {part: prompts.format_all(tok, getattr(split, part).texts, settings.system_prompt) for part in PARTS}
+        for key, split in splits.items()
+    }
+    too_long = model.limit_prompt_length(
+        tok, net, [t for parts in texts.values() for ts in parts.values() for t in ts], settings.max_new_tokens
+    )
     if too_long:
         console.print(
             f"[yellow]warning:[/] {too_long} prompts are longer than the context allows "
             f"({tok.model_max_length} tokens with room for the answer); their beginnings are cut"
         )
-    bs = settings.batch_size
 
-    harmful_train, harmless_train = fmt(splits["harmful"].train), fmt(splits["harmless"].train)
+    # Each stage's result is cached under a hash of what it depends on, so reruns resume.
     inputs = {
         "harmful_train": splits["harmful"].train.sha256,
         "harmless_train": splits["harmless"].train.sha256,
@@ -118,27 +120,25 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         harmful_means, harmless_means = cached
         console.print("  collect residual means: resumed from the cache")
     else:
-        with progress_bar(console, "collect residual means", len(harmful_train) + len(harmless_train)) as step:
-            harmful_means = capture.collect(net, tok, arch, harmful_train, bs, settings.positions, step)
-            harmless_means = capture.collect(net, tok, arch, harmless_train, bs, settings.positions, step)
+        harmful_means, harmless_means = _collect(
+            console, lm, settings, texts["harmful"]["train"], texts["harmless"]["train"]
+        )
         resume.save_means(means_key, harmful_means, harmless_means)
     candidates = directions.difference_of_means(harmful_means, harmless_means, settings.project_harmless_mean)
 
+    select_settings = ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k")
     select_inputs = {
         **inputs,
         "harmful_val": splits["harmful"].val.sha256,
         "harmless_val": splits["harmless"].val.sha256,
-        **{
-            k: getattr(settings, k)
-            for k in ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k")
-        },
+        **{k: getattr(settings, k) for k in select_settings},
     }
     select_key = resume.stage_key(lm.source, "select", select_inputs)
     selection = resume.load_selection(select_key)
     if selection:
         console.print("  candidate selection: resumed from the cache")
     else:
-        selection = _select(console, lm, settings, candidates, harmful_train, harmless_train, splits)
+        selection = _select(console, lm, settings, candidates, texts)
         resume.save_selection(select_key, selection)
     report.print_candidates(console, selection)
     chosen = selection.chosen
@@ -146,12 +146,12 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
 
     before: dict = {}
     if not settings.no_eval:
-        before = _measure(console, lm, splits, settings, "before")
+        before = _measure(console, lm, splits, texts, settings, "before")
     edited = orthogonalize(net, arch, direction, chosen.params)
     after: dict = {}
     metrics: dict = {}
     if not settings.no_eval:
-        after = _measure(console, lm, splits, settings, "after")
+        after = _measure(console, lm, splits, texts, settings, "after")
         metrics = evaluate.summarize(before, after)
         report.print_metrics(console, metrics)
 
@@ -195,17 +195,24 @@ def _load_finite(
     return lm
 
 
-def _select(console: Console, lm, settings: Settings, candidates, harmful_train, harmless_train, splits) -> Selection:
+def _collect(console: Console, lm: model.LoadedModel, settings: Settings, harmful: list[str], harmless: list[str]):
+    """Residual means of the harmful and harmless training prompts."""
+    tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
+    with progress_bar(console, "collect residual means", len(harmful) + len(harmless)) as step:
+        harmful_means = capture.collect(net, tok, arch, harmful, bs, settings.positions, step)
+        harmless_means = capture.collect(net, tok, arch, harmless, bs, settings.positions, step)
+    return harmful_means, harmless_means
+
+
+def _select(console: Console, lm: model.LoadedModel, settings: Settings, candidates, texts: dict) -> Selection:
     """Learn the refusal openings, then score candidates and search the edit strength."""
     tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
     console.print("[bold]learning[/] how this model opens its refusals")
-    refusal_tokens = find_refusal_tokens(net, tok, harmful_train[:32], harmless_train[:16], bs)
+    refusal_tokens = find_refusal_tokens(net, tok, texts["harmful"]["train"][:32], texts["harmless"]["train"][:16], bs)
     console.print(
         f"  refusal openings {list(refusal_tokens.tokens)} (precision {refusal_tokens.precision:.2f}, "
         f"{refusal_tokens.refusals_seen} refusals in {refusal_tokens.answers_seen} answers)"
     )
-    fmt = lambda ps: prompts.format_all(tok, ps.texts, settings.system_prompt)  # noqa: E731
-    harmful_val, harmless_val = fmt(splits["harmful"].val), fmt(splits["harmless"].val)
     n_layers = candidates.directions.shape[1] - 1
     scans = (
         1
@@ -214,24 +221,22 @@ def _select(console: Console, lm, settings: Settings, candidates, harmful_train,
     )
     with progress_bar(console, "score candidate directions", scans + settings.top_k * 5) as step:
         return select_direction(
-            net, tok, arch, candidates, harmful_val, harmless_val, refusal_tokens, bs,
+            net, tok, arch, candidates, texts["harmful"]["val"], texts["harmless"]["val"], refusal_tokens, bs,
             max_kl=settings.max_kl, kl_margin=settings.kl_margin, skip_last_layers=settings.skip_last_layers,
             layer=settings.layer, top_k=settings.top_k, on_step=lambda _: step(),
         )  # fmt: skip
 
 
-def _measure(console: Console, lm: model.LoadedModel, splits: dict, settings: Settings, when: str) -> dict:
+def _measure(console: Console, lm: model.LoadedModel, splits: dict, texts: dict, settings: Settings, when: str) -> dict:
     """Answers to held-out harmful and benign prompts, judged, and harmless next-token log-probs."""
     tok, net, bs = lm.tokenizer, lm.model, settings.batch_size
     result = {}
     for key in ("harmful", "benign"):
-        test = splits[key].test
-        texts = prompts.format_all(tok, test.texts, settings.system_prompt)
-        with progress_bar(console, f"generate {when}: {key} ({len(texts)})", len(texts)) as step:
-            answers = model.generate(net, tok, texts, settings.max_new_tokens, bs, step)
+        test, formatted = splits[key].test, texts[key]["test"]
+        with progress_bar(console, f"generate {when}: {key} ({len(formatted)})", len(formatted)) as step:
+            answers = model.generate(net, tok, formatted, settings.max_new_tokens, bs, step)
         result[key] = evaluate.judge_answers(key, test.texts, [p.category for p in test.prompts], answers)
-    harmless = prompts.format_all(tok, splits["harmless"].test.texts, settings.system_prompt)
-    result["harmless_logprobs"] = model.last_token_logprobs(net, tok, harmless, bs)
+    result["harmless_logprobs"] = model.last_token_logprobs(net, tok, texts["harmless"]["test"], bs)
     return result
 
 
