@@ -222,6 +222,7 @@ def test_gguf_base_model_is_read_from_metadata(tmp_path):
     path = tmp_path / "m.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_string("general.base_model.0.repo_url", "https://huggingface.co/SomeOrg/Some-Model-7B")
+    writer.add_string("general.license", "mit")
     writer.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -229,3 +230,4 @@ def test_gguf_base_model_is_read_from_metadata(tmp_path):
     writer.close()
     source = resolve(str(path))
     assert source.kind == "gguf" and source.base_model == "SomeOrg/Some-Model-7B" and len(source.sha256) == 64
+    assert source.license == "mit"

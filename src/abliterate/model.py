@@ -83,9 +83,8 @@ def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
         if not path.is_file():
             raise AbliterateError(f"GGUF file {path} does not exist; check the path")
         check_gguf(path)
-        return ModelSource(
-            spec, "gguf", path.parent.resolve(), path.name, _gguf_base_model(path), sha256=offline.sha256_file(path)
-        )
+        base, license_ = _gguf_origin(path)
+        return ModelSource(spec, "gguf", path.parent.resolve(), path.name, base, license_, offline.sha256_file(path))
     if path.exists():
         if not (path / "config.json").is_file():
             raise AbliterateError(
@@ -103,18 +102,19 @@ def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
     return ModelSource(spec, "hub", base_model=spec)
 
 
-def _gguf_base_model(path: Path) -> str | None:
-    """The hub id a GGUF was converted from, where its metadata records one."""
+def _gguf_origin(path: Path) -> tuple[str | None, str | None]:
+    """(hub id it was converted from, license), where the GGUF's metadata records them."""
     import gguf
 
     fields = gguf.GGUFReader(path).fields
+    text = lambda key: str(fields[key].contents()) if key in fields else None  # noqa: E731
+    base = None
     for key in ("general.base_model.0.repo_url", "general.source.huggingface.repository", "general.source.url"):
-        if key in fields:
-            value = str(fields[key].contents())
-            tail = value.split("huggingface.co/")[-1].strip("/")
-            if tail.count("/") == 1:
-                return tail
-    return None
+        tail = (text(key) or "").split("huggingface.co/")[-1].strip("/")
+        if tail.count("/") == 1:
+            base = tail
+            break
+    return base, text("general.license")
 
 
 def _base_model_of(folder: Path) -> str | None:
