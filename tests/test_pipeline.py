@@ -112,3 +112,14 @@ def test_apply_reproduces_a_run_bit_for_bit(tmp_path, tiny_checkpoint):
     bad.write_text("{}")
     r = run_cli("apply", str(tiny_checkpoint), "--edit", str(bad), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "not a usable abliteration record" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_induce_strengthens_the_direction(tmp_path, tiny_checkpoint):
+    out = tmp_path / "induced"
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST, "--no-eval", "--induce", "--max-kl", "100")
+    assert r.returncode == 0, r.stderr[-3000:]
+    record, _ = check_run_folder(out, tiny_checkpoint)  # the saved model equals the original under induction hooks
+    assert record["edit"]["kind"] == "induce" and record["edit"]["scale"] < 0
+    assert record["settings"]["induce"] is True
+    card = (out / "README.md").read_text()
+    assert "refusal-induced" in card and "amplified in" in card

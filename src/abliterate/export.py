@@ -141,7 +141,7 @@ def record(
             "candidates": [s.as_dict() for s in selection.scores],
         },
         "edit": {
-            "kind": "orthogonalize",
+            "kind": "induce" if chosen.scale < 0 else "orthogonalize",
             "direction_file": "directions.safetensors",
             "direction_key": "direction",
             "scale": chosen.scale,
@@ -182,6 +182,7 @@ def model_card(rec: dict) -> str:
     """README.md with YAML front matter, the metrics table, parameters and limitations."""
     model = rec["model"]
     sel = rec["selection"]
+    induced = rec["edit"]["kind"] == "induce"
     front = ["---"]
     if model["base_model"]:
         front += [f"base_model: {model['base_model']}", "base_model_relation: finetune"]
@@ -190,18 +191,18 @@ def model_card(rec: dict) -> str:
     front += [
         "library_name: transformers",
         "tags:",
-        "  - abliterated",
+        "  - refusal-induced" if induced else "  - abliterated",
         "  - refusal-direction",
         "  - abliterate",
         "---",
     ]
     lines = front + [
         "",
-        f"# {model['base_model'] or model['spec']}, abliterated",
+        f"# {model['base_model'] or model['spec']}, {'refusal strengthened' if induced else 'abliterated'}",
         "",
         f"The refusal direction of `{model['base_model'] or model['spec']}` (difference of mean residual activations "
         f"on harmful and harmless prompts, layer {sel['layer']}, position {sel['position']} from the end of the prompt) "
-        "was projected out of every matrix that writes to the residual stream, by "
+        f"was {'amplified in' if induced else 'projected out of'} every matrix that writes to the residual stream, by "
         f"[abliterate](https://pypi.org/project/abliterate/) {rec['abliterate_version']}.",
         "",
         "## Evaluation",

@@ -126,7 +126,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         resume.save_means(means_key, harmful_means, harmless_means)
     candidates = directions.difference_of_means(harmful_means, harmless_means, settings.project_harmless_mean)
 
-    select_settings = ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k")
+    select_settings = ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k", "induce")
     select_inputs = {
         **inputs,
         "harmful_val": splits["harmful"].val.sha256,
@@ -223,7 +223,7 @@ def _select(console: Console, lm: model.LoadedModel, settings: Settings, candida
         return select_direction(
             net, tok, arch, candidates, texts["harmful"]["val"], texts["harmless"]["val"], refusal_tokens, bs,
             max_kl=settings.max_kl, kl_margin=settings.kl_margin, skip_last_layers=settings.skip_last_layers,
-            layer=settings.layer, top_k=settings.top_k, on_step=lambda _: step(),
+            layer=settings.layer, top_k=settings.top_k, induce=settings.induce, on_step=lambda _: step(),
         )  # fmt: skip
 
 

@@ -76,6 +76,12 @@ def strength_ladder(n_layers: int) -> list[EditParams]:
     ]
 
 
+def induction_ladder() -> list[EditParams]:
+    """Refusal induction from strongest to gentlest: each writer's component along the direction is
+    multiplied by 1 - scale (so scale -1 doubles it)."""
+    return [EditParams(-3.0, 0), EditParams(-2.0, 0), EditParams(-1.0, 0), EditParams(-0.5, 0), EditParams(-0.25, 0)]
+
+
 @dataclass
 class Selection:
     """The chosen candidate, every score, and the baselines they compare with."""
@@ -149,6 +155,7 @@ def select_direction(
     kl_margin: float = 0.5,
     skip_last_layers: float = 0.2,
     top_k: int = 4,
+    induce: bool = False,
     layer: int | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> Selection:
@@ -185,7 +192,7 @@ def select_direction(
                 on_step(f"ablation pos {pos} layer {lay}")
 
     ranked = sorted(scores, key=lambda s: s.refusal_ablated)
-    ladder = strength_ladder(model_layers)
+    ladder = induction_ladder() if induce else strength_ladder(model_layers)
     for score in ranked[:top_k]:
         direction = candidates.direction(score.position, score.layer)
         with addition(model, arch, candidates.diff(score.position, score.layer), score.layer):
@@ -196,7 +203,7 @@ def select_direction(
         for params in ladder:
             with ablation(model, arch, direction, params):
                 kl = kl_divergence(base_harmless, last_token_logprobs(model, tokenizer, harmless_val, batch_size))
-                if params == ladder[0]:
+                if params == EditParams():
                     refusal = score.refusal_ablated
                 else:
                     refusal = refusal_log_odds(last_token_logprobs(model, tokenizer, harmful_val, batch_size), ids)
@@ -218,10 +225,12 @@ def select_direction(
                 score.eligible = True
                 break
 
-    eligible = sorted((s for s in ranked if s.eligible), key=lambda s: s.refusal)
+    # Removal wants the least refusal left; induction the most refusal gained.
+    eligible = sorted((s for s in ranked if s.eligible), key=lambda s: -s.refusal if induce else s.refusal)
     if eligible:
         chosen = eligible[0]
-        reason = f"lowest refusal among candidates that induce refusal, at the strongest edit with validation KL <= {threshold:.3g}"
+        goal = "highest" if induce else "lowest"
+        reason = f"{goal} refusal among candidates that induce refusal, at the strongest edit with validation KL <= {threshold:.3g}"
     else:
         measured = [s for s in ranked if s.kl is not None] or ranked[:1]
         chosen = min(measured, key=lambda s: s.kl if s.kl is not None else float("inf"))
