@@ -268,8 +268,3 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write UTF-8 text atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def save_file_copy(source: Path, target: Path) -> None:
-    """Copy a file into the staging folder."""
-    shutil.copyfile(source, target)

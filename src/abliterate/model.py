@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -19,8 +18,6 @@ from torch import nn
 from . import offline
 from .architectures import Architecture, architecture_for
 from .errors import AbliterateError
-
-log = logging.getLogger(__name__)
 
 SourceKind = Literal["builtin", "folder", "gguf", "hub"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -227,9 +224,6 @@ def _clear_gguf_quantization(model: nn.Module) -> None:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    elif getattr(model.config, "quantization_config", None) is None and hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-        model.is_quantized = False
 
 
 def _cache_dequantized(gguf_path: Path, target: Path) -> None:

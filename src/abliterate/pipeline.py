@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +19,6 @@ from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
 from .settings import Settings
 
-log = logging.getLogger(__name__)
 PARTS = ("train", "val", "test")
 
 
@@ -54,11 +53,12 @@ def progress_bar(console: Console, description: str, total: int):
 def load_prompt_sets(settings: Settings) -> dict[str, prompts.Split]:
     """Harmful, harmless and benign prompt splits, checked for size before any model work."""
     s = settings
+    n_test = 0 if s.no_eval else s.n_test
     load = lambda spec: prompts.load(spec, s.prompt_column, s.category_column)  # noqa: E731
     return {
-        "harmful": prompts.split(load(s.harmful), s.n_train, s.n_val, s.n_test if not s.no_eval else 0, s.seed),
-        "harmless": prompts.split(load(s.harmless), s.n_train, s.n_val, s.n_test if not s.no_eval else 0, s.seed),
-        "benign": prompts.split(load(s.benign), 0, 0, s.n_test if not s.no_eval else 0, s.seed),
+        "harmful": prompts.split(load(s.harmful), s.n_train, s.n_val, n_test, s.seed),
+        "harmless": prompts.split(load(s.harmless), s.n_train, s.n_val, n_test, s.seed),
+        "benign": prompts.split(load(s.benign), 0, 0, n_test, s.seed),
     }
 
 
@@ -272,7 +272,7 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
     edited = orthogonalize(lm.model, lm.arch, direction, params)
     with export.staging(out, force) as tmp:
         export.save_model(lm, tmp, dtype)
-        export.save_file_copy(directions_file, tmp / "directions.safetensors")
+        shutil.copyfile(directions_file, tmp / "directions.safetensors")
         applied = {
             **record,
             "applied_to": {"source": source, "sha256": resolved.sha256},

@@ -208,14 +208,10 @@ def select_direction(
                 else:
                     refusal = refusal_log_odds(last_token_logprobs(model, tokenizer, harmful_val, batch_size), ids)
                     refusal = refusal.mean().item()
+            score.refusal, score.kl = refusal, kl.mean().item()
+            score.scale, score.start_layer = params.scale, params.start_layer
             score.trials.append(
-                {"scale": params.scale, "start_layer": params.start_layer, "refusal": refusal, "kl": kl.mean().item()}
-            )
-            score.refusal, score.kl, score.scale, score.start_layer = (
-                refusal,
-                kl.mean().item(),
-                params.scale,
-                params.start_layer,
+                {"scale": params.scale, "start_layer": params.start_layer, "refusal": refusal, "kl": score.kl}
             )
             if on_step:
                 on_step(
