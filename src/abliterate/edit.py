@@ -188,6 +188,38 @@ def remove_component_(tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: f
         part.copy_(exact - scale * coeff * u_shaped)
 
 
+@dataclass(frozen=True)
+class Target:
+    """One tensor the weight edit changes: its parameter name, residual axis and the direction to remove."""
+
+    name: str
+    tensor: torch.Tensor
+    axis: int
+    direction: torch.Tensor
+
+
+def edit_targets(
+    model: nn.Module, arch: Architecture, direction: torch.Tensor, params: EditParams = EditParams()
+) -> list[Target]:
+    """Every tensor `orthogonalize` edits, in order, with its axis and (gain-scaled) unit direction."""
+    r = unit(direction)
+    names = {id(p): n for n, p in model.named_parameters()}
+    targets = []
+    if params.start_layer == 0:
+        for name in arch.embeddings:
+            for tensor, axis in _residual_params(get(model, name)):
+                targets.append(Target(names.get(id(tensor), name), tensor, axis, r))
+    per_layer = writer_directions(model, arch, direction)
+    for index, (layer, directions) in enumerate(zip(layers(model, arch), per_layer)):
+        if index < params.start_layer:
+            continue
+        for writer, u in zip(arch.writers, directions):
+            for spec in writer.weights:
+                for tensor, axis in _resolve_weights(layer, spec):
+                    targets.append(Target(names.get(id(tensor), str(spec)), tensor, axis, u))
+    return targets
+
+
 def orthogonalize(
     model: nn.Module, arch: Architecture, direction: torch.Tensor, params: EditParams = EditParams()
 ) -> list[str]:
@@ -196,21 +228,7 @@ def orthogonalize(
     Returns the names of the edited tensors. Tied embeddings are untied first.
     """
     untie_embeddings(model)
-    r = unit(direction)
-    names = {id(p): n for n, p in model.named_parameters()}
-    edited = []
-    if params.start_layer == 0:
-        for name in arch.embeddings:
-            for tensor, axis in _residual_params(get(model, name)):
-                remove_component_(tensor, axis, r, params.scale)
-                edited.append(names.get(id(tensor), name))
-    per_layer = writer_directions(model, arch, direction)
-    for index, (layer, directions) in enumerate(zip(layers(model, arch), per_layer)):
-        if index < params.start_layer:
-            continue
-        for writer, u in zip(arch.writers, directions):
-            for spec in writer.weights:
-                for tensor, axis in _resolve_weights(layer, spec):
-                    remove_component_(tensor, axis, u, params.scale)
-                    edited.append(names.get(id(tensor), str(spec)))
-    return edited
+    targets = edit_targets(model, arch, direction, params)
+    for target in targets:
+        remove_component_(target.tensor, target.axis, target.direction, params.scale)
+    return [target.name for target in targets]
