@@ -23,7 +23,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from . import pipeline
 
     pipeline.apply(
-        args.source, args.edit, args.out, args.force, args.dtype, args.device, args.trust_remote_code, args.allow_pickle
+        args.source, args.edit, args.out, args.force, args.dtype, args.device, args.trust_remote_code, args.allow_pickle,
+        in_memory=args.in_memory,
     )
     return 0
 
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     apply.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     apply.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    apply.add_argument(
+        "--in-memory", action="store_true", help="load the whole model instead of editing a safetensors folder shard by shard"
+    )
     apply.set_defaults(func=_cmd_apply)
     models = sub.add_parser("models", help="list built-in offline models and their cache status")
     models.set_defaults(func=_cmd_models)

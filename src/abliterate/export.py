@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .capture import ResidualMeans
 from .directions import Candidates
+from .edit import EditParams
 from .errors import AbliterateError
 from .model import DTYPES, LoadedModel, context_length
 from .report import metrics_rows
@@ -157,6 +159,34 @@ def record(
 def write_json(path: Path, data: dict) -> None:
     """Pretty JSON, UTF-8."""
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class RecordedEdit:
+    """A run's edit, read back from its abliteration.json and the directions file beside it."""
+
+    record: dict
+    params: EditParams
+    direction: torch.Tensor
+    directions_file: Path
+
+
+def read_edit(edit_file: str | Path) -> RecordedEdit:
+    """Read the edit `record()` wrote; a one-line error if the file is missing or not a record."""
+    from safetensors.torch import load_file
+
+    path = Path(edit_file).expanduser()
+    if not path.is_file():
+        raise AbliterateError(f"edit file {path} does not exist; pass the abliteration.json of a run")
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        edit = rec["edit"]
+        params = EditParams(float(edit["scale"]), int(edit.get("start_layer", 0)))
+        directions_file = path.parent / edit["direction_file"]
+        direction = load_file(str(directions_file))[edit["direction_key"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as exc:
+        raise AbliterateError(f"{path} is not a usable abliteration record ({exc}); pass a run's abliteration.json") from None
+    return RecordedEdit(rec, params, direction, directions_file)
 
 
 def answers_record(before: dict, after: dict) -> dict:

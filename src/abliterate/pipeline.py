@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -13,8 +12,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import capture, directions, evaluate, export, model, prompts, report, resume
-from .edit import EditParams, orthogonalize
+from . import capture, directions, evaluate, export, model, prompts, report, resume, stream
+from .edit import orthogonalize
 from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
 from .settings import Settings
@@ -241,38 +240,42 @@ def _measure(console: Console, lm: model.LoadedModel, splits: dict, texts: dict,
 
 
 def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype: str = "auto", device: str = "auto",
-          trust_remote_code: bool = False, allow_pickle: bool = False, console: Console | None = None) -> Path:  # fmt: skip
-    """Re-apply a recorded edit (abliteration.json + its directions file) to a model and save it."""
-    from safetensors.torch import load_file
+          trust_remote_code: bool = False, allow_pickle: bool = False, console: Console | None = None,
+          in_memory: bool = False) -> Path:  # fmt: skip
+    """Re-apply a recorded edit (abliteration.json + its directions file) to a model and save it.
 
+    A local safetensors folder is edited shard by shard (peak memory about one shard) unless
+    in_memory is set or its layout needs transformers' loader; everything else is loaded whole.
+    """
     console = console or Console(stderr=True, soft_wrap=True)
-    record_path = Path(edit_file).expanduser()
-    if not record_path.is_file():
-        raise AbliterateError(f"edit file {record_path} does not exist; pass the abliteration.json of a run")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        edit = record["edit"]
-        params = EditParams(float(edit["scale"]), int(edit.get("start_layer", 0)))
-        directions_file = record_path.parent / edit["direction_file"]
-        direction = load_file(str(directions_file))[edit["direction_key"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as exc:
-        raise AbliterateError(
-            f"{record_path} is not a usable abliteration record ({exc}); pass a run's abliteration.json"
-        ) from None
+    recorded = export.read_edit(edit_file)
+    record, params, direction = recorded.record, recorded.params, recorded.direction
+    edit = record["edit"]
     out = Path(out_dir).expanduser()
     if out.exists() and not force:
         raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
     resolved = model.resolve(source, allow_pickle)
-    console.print(f"[bold]loading[/] {source}")
-    lm = model.load(resolved, dtype, device, trust_remote_code, allow_pickle, console.print)
-    if direction.shape[-1] != lm.model.get_input_embeddings().weight.shape[1]:
-        raise AbliterateError(
-            f"the direction has {direction.shape[-1]} dimensions but {source} has a different hidden size; use the model the edit was made on"
-        )
-    edited = orthogonalize(lm.model, lm.arch, direction, params)
+    plan = None
+    if resolved.kind == "folder" and not in_memory:
+        try:
+            plan = stream.prepare(resolved.path, direction, params, dtype, device, trust_remote_code)
+            console.print(f"[bold]streaming[/] {source}: {len(plan.shards)} shard(s), one at a time")
+        except stream.NotStreamable as exc:
+            console.print(f"  loading the whole model: {exc}")
+    if plan is None:
+        console.print(f"[bold]loading[/] {source}")
+        lm = model.load(resolved, dtype, device, trust_remote_code, allow_pickle, console.print)
+        if direction.shape[-1] != lm.model.get_input_embeddings().weight.shape[1]:
+            raise AbliterateError(
+                f"the direction has {direction.shape[-1]} dimensions but {source} has a different hidden size; use the model the edit was made on"
+            )
+        edited = orthogonalize(lm.model, lm.arch, direction, params)
     with export.staging(out, force) as tmp:
-        export.save_model(lm, tmp, dtype)
-        shutil.copyfile(directions_file, tmp / "directions.safetensors")
+        if plan is None:
+            export.save_model(lm, tmp, dtype)
+        else:
+            edited = plan.write(tmp)
+        shutil.copyfile(recorded.directions_file, tmp / "directions.safetensors")
         applied = {
             **record,
             "applied_to": {"source": source, "sha256": resolved.sha256},

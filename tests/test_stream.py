@@ -1,0 +1,132 @@
+"""`apply` on a sharded safetensors folder: streamed shard by shard, equal bit for bit to the in-memory edit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from safetensors.torch import load_file, save_file
+
+from abliterate import __version__, pipeline
+
+
+def sharded_checkpoint(folder, model_type: str, **overrides):
+    """A tiny float32 model saved in many small shards, with a tokenizer."""
+    model = tiny_model(model_type, dtype=torch.float32, **overrides)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def recorded_edit(folder, hidden: int, scale: float = 1.0, start_layer: int = 0, seed: int = 0):
+    """A minimal abliteration.json and directions.safetensors, as a run writes them."""
+    folder.mkdir(parents=True)
+    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    save_file({"direction": direction / direction.norm()}, str(folder / "directions.safetensors"))
+    record = {
+        "abliterate_version": __version__,
+        "model": {"spec": "tiny", "base_model": None, "license": None},
+        "selection": {"layer": 1, "position": -1, "reason": "test"},
+        "settings": {"n_train": 1, "n_val": 1, "n_test": 1, "max_new_tokens": 1},
+        "refusal_tokens": {"tokens": []},
+        "seed": 0,
+        "metrics": {},
+        "edit": {
+            "kind": "induce" if scale < 0 else "orthogonalize",
+            "direction_file": "directions.safetensors",
+            "direction_key": "direction",
+            "scale": scale,
+            "start_layer": start_layer,
+        },
+    }
+    (folder / "abliteration.json").write_text(json.dumps(record))
+    return folder / "abliteration.json"
+
+
+def all_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor in every safetensors file of a model folder."""
+    tensors = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+CASES = [
+    ("llama", {"tie_word_embeddings": True}, 1.0, 0, "auto"),  # tied: the head keeps the original embedding
+    ("qwen2", {}, 0.7, 1, "auto"),
+    ("gpt2", {}, 1.0, 0, "auto"),  # Conv1D writers with biases, two embeddings, tied head
+    ("gemma2", {}, -1.0, 0, "float64"),  # post-norm writers: gain-scaled directions from norms in other shards
+]
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "scale", "start_layer", "dtype"), CASES)
+def test_streamed_apply_equals_in_memory_bit_for_bit(tmp_path, model_type, overrides, scale, start_layer, dtype):
+    source = sharded_checkpoint(tmp_path / "source", model_type, **overrides)
+    shards = list(source.glob("model-*.safetensors"))
+    assert len(shards) >= 8 and (source / "model.safetensors.index.json").is_file()
+    edit = recorded_edit(tmp_path / "run", 64, scale, start_layer)
+    memory = pipeline.apply(str(source), str(edit), str(tmp_path / "memory"), dtype=dtype, in_memory=True)
+    streamed = pipeline.apply(str(source), str(edit), str(tmp_path / "streamed"), dtype=dtype)
+
+    assert sorted(p.name for p in streamed.glob("model-*.safetensors")) == sorted(p.name for p in shards)
+    original, expected, got = all_tensors(source), all_tensors(memory), all_tensors(streamed)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+    changed = [n for n in original if not torch.equal(original[n].to(expected[n].dtype), expected[n])]
+    record = json.loads((streamed / "abliteration.json").read_text())
+    assert sorted(changed) == sorted(record["edit"]["edited_tensors"])
+    assert len(changed) >= 4
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((streamed / name).read_text()) == json.loads((memory / name).read_text()), name
+    assert json.loads((streamed / "config.json").read_text()).get("tie_word_embeddings") is False
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in got.values())
+    for name in ("tokenizer.json", "chat_template.jinja", "directions.safetensors", "README.md"):
+        assert (streamed / name).is_file(), name
+
+
+def test_single_file_stream_writes_the_same_bytes_as_save_pretrained(tmp_path):
+    source = tmp_path / "source"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    edit = recorded_edit(tmp_path / "run", 64)
+    memory = pipeline.apply(str(source), str(edit), str(tmp_path / "memory"), in_memory=True)
+    streamed = pipeline.apply(str(source), str(edit), str(tmp_path / "streamed"))
+    assert (streamed / "model.safetensors").read_bytes() == (memory / "model.safetensors").read_bytes()
+
+
+def test_renamed_checkpoint_falls_back_to_loading(tmp_path):
+    from rich.console import Console
+
+    source = sharded_checkpoint(tmp_path / "source", "llama")
+    index_file = source / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = sorted(index["weight_map"])[0]
+    shard = source / index["weight_map"][first]
+    tensors = load_file(str(shard))
+    tensors["model." + first] = tensors.pop(first)  # a name only transformers' key mapping would resolve
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"]["model." + first] = index["weight_map"].pop(first)
+    index_file.write_text(json.dumps(index))
+    edit = recorded_edit(tmp_path / "run", 64)
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)
+    pipeline.apply(str(source), str(edit), str(tmp_path / "out"), console=console)
+    console.file.close()
+    log = (tmp_path / "log.txt").read_text()
+    assert "loading the whole model" in log and "differ from the model's" in log
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_wrong_hidden_size_is_one_clear_error(tmp_path):
+    from abliterate.errors import AbliterateError
+
+    source = sharded_checkpoint(tmp_path / "source", "llama")
+    edit = recorded_edit(tmp_path / "run", 32)
+    with pytest.raises(AbliterateError, match="hidden size"):
+        pipeline.apply(str(source), str(edit), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
