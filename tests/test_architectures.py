@@ -7,6 +7,7 @@ removal and induction, and induction scales each writer's component along its di
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from types import SimpleNamespace
 
@@ -15,7 +16,15 @@ import torch
 from conftest import VOCAB, tiny_model
 from test_edit import residual_streams
 
-from abliterate.architectures import ARCHITECTURES, Param, architecture_for, get, layers
+from abliterate.architectures import (
+    ARCHITECTURES,
+    Param,
+    Writer,
+    all_layer_writers,
+    architecture_for,
+    get,
+    layers,
+)
 from abliterate.edit import EditParams, _resolve_weights, ablation, add_hooks, orthogonalize, unit, writer_directions
 from abliterate.errors import AbliterateError
 
@@ -26,7 +35,71 @@ OTHER_DENSE = ["olmo", "starcoder2", "phi", "gpt2", "gpt_neox"]
 POST_NORMED = ["gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4", "glm4"]
 MOE = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "olmoe", "phimoe", "granitemoe"]
 VLM = ["gemma3"]  # Gemma3ForConditionalGeneration, which AutoModelForCausalLM loads for a Gemma 3 checkpoint
-COVERED = LLAMA_LIKE + OTHER_DENSE + POST_NORMED + MOE + VLM
+
+# Families whose layers differ by type, each configured so that every layer type of the family occurs.
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=48, experts_implementation="eager")
+_DEEPSEEK = dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE)
+_MLA = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+_GATED_DELTA = dict(
+    head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16
+)
+_MAMBA2 = dict(mamba_d_state=8, mamba_n_heads=8, mamba_d_head=16, mamba_expand=2)
+HYBRID = {
+    "deepseek_v3": dict(q_lora_rank=32, **_MLA, **_DEEPSEEK),  # dense layer 0, then MoE; MLA attention
+    "deepseek_v2": dict(q_lora_rank=None, **_MLA, **_DEEPSEEK),
+    "glm4_moe": dict(head_dim=16, **_DEEPSEEK),
+    "llama4_text": dict(  # MoE (routed + shared expert) every second layer
+        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, intermediate_size_mlp=96, head_dim=16
+    ),
+    "qwen3_next": dict(  # gated-delta linear attention and full attention; one dense-MLP layer
+        num_experts=4,
+        mlp_only_layers=[1],
+        layer_types=["linear_attention", "linear_attention", "full_attention"],
+        shared_expert_intermediate_size=80,
+        **_GATED_DELTA,
+        **_MOE,
+    ),
+    "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], **_GATED_DELTA),
+    "qwen3_5_moe_text": dict(
+        num_experts=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        shared_expert_intermediate_size=80,
+        **_GATED_DELTA,
+        **_MOE,
+    ),
+    "lfm2": dict(layer_types=["conv", "full_attention", "conv"]),  # short convolutions and attention
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1, num_experts=4, **_MOE),
+    "jamba": dict(  # Mamba and attention layers; MoE every second layer
+        num_experts=4,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=3,
+        attn_layer_offset=1,
+        mamba_d_state=8,
+        mamba_expand=2,
+        **_MOE,
+    ),
+    "bamba": dict(attn_layer_indices=[1], **_MAMBA2),
+    "granitemoehybrid": dict(
+        num_local_experts=4, layer_types=["mamba", "attention", "mamba"], shared_intermediate_size=80, **_MAMBA2, **_MOE
+    ),
+    "falcon_h1": dict(mamba_d_ssm=128, head_dim=16, **_MAMBA2),  # Mamba and attention side by side in every layer
+    "nemotron_h": dict(  # one mixer per block: Mamba, MoE, attention or MLP
+        layers_block_type=["mamba", "moe", "attention", "mlp"],
+        num_hidden_layers=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_shared_expert_intermediate_size=80,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        ssm_state_size=8,
+        n_groups=2,
+        head_dim=16,
+        **_MOE,
+    ),
+}
+COVERED = LLAMA_LIKE + OTHER_DENSE + POST_NORMED + MOE + VLM + list(HYBRID)
+FLOAT32_EXPERT_SUMS = {"nemotron_h"}  # its eager experts accumulate in the router's float32
 
 
 def test_every_table_entry_is_tested():
@@ -35,14 +108,14 @@ def test_every_table_entry_is_tested():
 
 
 def _setup(model_type, seed=0, **kw):
-    model = tiny_model(model_type, seed=seed, **kw)
+    model = tiny_model(model_type, seed=seed, **{**HYBRID.get(model_type, {}), **kw})
     arch = architecture_for(model)
     assert arch is ARCHITECTURES[model_type]
     gen = torch.Generator().manual_seed(1000 + seed)
     if arch.fused_experts:  # distinct tokens and strong random routers, so tokens spread over the experts
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if re.search(r"embed_tokens\.weight$|\.(gate|router)\.weight$", name):
+                if re.search(r"embed(_tokens|dings)\.weight$|\.(gate|router)\.weight$", name):
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
     ids = torch.randint(3, VOCAB, (2, 12), generator=gen)
     r = unit(torch.randn(64, generator=gen, dtype=torch.float64))
@@ -51,8 +124,8 @@ def _setup(model_type, seed=0, **kw):
 
 def _tabled_tensors(model, arch):
     """(layer index, writer index, tensor, residual axis, spec) for every tabled writer weight."""
-    for i, layer in enumerate(layers(model, arch)):
-        for j, writer in enumerate(arch.writers):
+    for i, (layer, writers) in enumerate(zip(layers(model, arch), all_layer_writers(model, arch))):
+        for j, writer in enumerate(writers):
             for spec in writer.weights:
                 for tensor, axis in _resolve_weights(layer, spec):
                     yield i, j, tensor, axis, spec
@@ -62,8 +135,8 @@ def _experts_hit(model, arch, ids):
     """Per layer, the set of experts that routing sent tokens to (fused-expert families)."""
     modules = [
         get(layer, spec.path.rsplit(".", 1)[0])
-        for layer in layers(model, arch)
-        for writer in arch.writers
+        for layer, writers in zip(layers(model, arch), all_layer_writers(model, arch))
+        for writer in writers
         for spec in writer.weights
         if isinstance(spec, Param) and spec.path.endswith("down_proj")
     ]
@@ -71,8 +144,9 @@ def _experts_hit(model, arch, ids):
 
     def recorder(seen):
         def hook(module, args, kwargs):
-            # Every fused experts module is called as experts(hidden_states, top_k_index, top_k_weights).
-            seen.update(args[1].unique().tolist())
+            # Fused experts are called as experts(hidden_states, top_k_index, top_k_weights), except
+            # Llama 4's, which runs every expert on every (router-weighted) token.
+            seen.update(args[1].unique().tolist() if len(args) > 1 else range(module.down_proj.shape[0]))
 
         return hook
 
@@ -138,7 +212,8 @@ def _capture_writer_calls(model, arch, ids):
     def record(module, args, kwargs, output):
         calls.append((module, args, kwargs, output[0] if isinstance(output, tuple) else output))
 
-    post = [(get(layer, w.output), record) for layer in layers(model, arch) for w in arch.writers]
+    per_layer = zip(layers(model, arch), all_layer_writers(model, arch))
+    post = [(get(layer, w.output), record) for layer, writers in per_layer for w in writers]
     handles = [module.register_forward_hook(fn, with_kwargs=True) for module, fn in post]
     try:
         model(input_ids=ids, use_cache=False)
@@ -157,7 +232,7 @@ def test_induction_scales_each_writers_component(model_type):
     model, arch, ids, r = _setup(model_type, seed=2)
     directions = [u for per_layer in writer_directions(model, arch, r) for u in per_layer]
     embeds, calls = _capture_writer_calls(model, arch, ids)
-    assert len(calls) == len(directions) == len(layers(model, arch)) * len(arch.writers)
+    assert len(calls) == len(directions) == sum(map(len, all_layer_writers(model, arch)))
     embed_before = [module(*args) for module, args, _ in embeds]
 
     orthogonalize(model, arch, r, EditParams(scale=scale))
@@ -166,10 +241,11 @@ def test_induction_scales_each_writers_component(model_type):
         u = u.to(old.dtype)
         along = old @ u
         assert (along.abs() / old.norm(dim=-1)).max() > 1e-3  # there is a component to strengthen
-        torch.testing.assert_close(new @ u, (1 - scale) * along, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(new @ u, (1 - scale) * along, **tolerance)
         # ... and nothing orthogonal to the direction changed
-        torch.testing.assert_close(new - (new @ u)[..., None] * u, old - along[..., None] * u, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(new - (new @ u)[..., None] * u, old - along[..., None] * u, **tolerance)
 
+    tolerance = dict(rtol=1e-5, atol=1e-8) if model_type in FLOAT32_EXPERT_SUMS else dict(rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         for (module, args, _), old in zip(embeds, embed_before):
             check(old, module(*args), r)
@@ -197,3 +273,63 @@ def test_unknown_type_names_it_and_the_fix(text_type):
     assert "'fakeformer'" in message and "architectures.py" in message and "llama" in message
     if text_type:
         assert "'fakeformer_text'" in message
+
+
+@pytest.mark.parametrize("model_type", list(HYBRID))
+def test_hybrid_edit_survives_save_and_reload(model_type, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, arch, ids, r = _setup(model_type, seed=4)
+    orthogonalize(model, arch, r)
+    expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path,
+        dtype=torch.float64,
+        attn_implementation=model.config._attn_implementation,
+        experts_implementation="eager",
+    ).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-7, atol=1e-8)
+    for h in residual_streams(reloaded, architecture_for(reloaded), ids):
+        assert ((h @ r).abs() / h.norm(dim=-1)).max() < 1e-5
+
+
+def test_latent_moe_edits_the_latent_up_projection():
+    """Nemotron-H with a latent MoE: the experts write to a smaller space; fc2_latent_proj writes to the stream."""
+    model, arch, ids, r = _setup("nemotron_h", seed=5, moe_latent_size=32)
+    moe_writer = all_layer_writers(model, arch)[1][0]
+    assert moe_writer.weights == ("mixer.fc2_latent_proj", "mixer.shared_experts.down_proj")
+    with ablation(model, arch, r):
+        hooked = model(input_ids=ids).logits
+    orthogonalize(model, arch, r)
+    torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-5, atol=1e-6)
+    for h in residual_streams(model, arch, ids):
+        assert ((h @ r).abs() / h.norm(dim=-1)).max() < 1e-5
+
+
+def _snapshot(model):
+    return {name: p.clone() for name, p in model.named_parameters()}
+
+
+def test_unmatched_layer_type_is_an_error_before_any_edit():
+    model, arch, ids, r = _setup("qwen3_next")
+    layers(model, arch)[2].self_attn = None  # a full-attention layer whose mixer the table would not know
+    before = _snapshot(model)
+    for action in (lambda: orthogonalize(model, arch, r), lambda: ablation(model, arch, r).__enter__()):
+        with pytest.raises(AbliterateError) as err:
+            action()
+        message = str(err.value)
+        assert "decoder layer 2" in message and "token mixer" in message and "linear_attn.out_proj" in message
+        assert "architectures.py" in message
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_table_entry_naming_the_wrong_tensor_is_an_error_before_any_edit():
+    model = tiny_model("llama")
+    wrong = dataclasses.replace(
+        ARCHITECTURES["llama"], writers=(ARCHITECTURES["llama"].writers[0], Writer("self_attn", ("self_attn.k_proj",)))
+    )
+    before = _snapshot(model)
+    with pytest.raises(AbliterateError, match=r"k_proj.* 32 entries .* hidden size 64"):
+        orthogonalize(model, wrong, torch.randn(64, dtype=torch.float64))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

@@ -33,12 +33,31 @@ class Writer:
 
 
 @dataclass(frozen=True)
+class Absent:
+    """An alternative that matches a layer lacking this module (a dense layer of a MoE-capable family)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A sub-block whose writer depends on the layer's type (attention or linear attention, MLP or MoE).
+
+    Each layer takes the first alternative whose modules it all has (list the most specific first); a
+    layer that matches none is an error, never a silent partial edit.
+    """
+
+    kind: str
+    alternatives: tuple[Writer | Absent, ...]
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where a family keeps its decoder layers, embeddings and residual-stream writers."""
 
     layers: str
     embeddings: tuple[str, ...]
-    writers: tuple[Writer, ...]
+    writers: tuple[Writer | OneOf, ...]
     final_norm: str
     fused_experts: bool = False
 
@@ -88,6 +107,34 @@ def _fused_moe(down_axis: int = 1, bias: bool = False, shared: str | None = None
     return _decoder(weights, mlp=mlp, fused_experts=True)
 
 
+_ATTENTION = Writer("self_attn", ("self_attn.o_proj",))
+
+
+def _mixer(other: Writer, attention: Writer = _ATTENTION) -> OneOf:
+    """Hybrids: some layers mix tokens with attention, the others with a recurrent or convolutional block."""
+    return OneOf("token mixer", (other, attention))
+
+
+def _mamba(path: str = "mamba") -> Writer:
+    return Writer(path, (f"{path}.out_proj",))
+
+
+def _moe_or_dense(mlp: str = "mlp", shared: str | None = "shared_experts", down_axis: int = 1) -> OneOf:
+    """Fused routed experts (plus a shared expert) in some layers, a dense MLP in the others."""
+    routed: tuple = (Param(f"{mlp}.experts.down_proj", down_axis),)
+    routed += (f"{mlp}.{shared}.down_proj",) if shared else ()
+    return OneOf("feed-forward", (Writer(mlp, routed), Writer(mlp, (f"{mlp}.down_proj",))))
+
+
+def _hybrid(*writers: Writer | OneOf, final_norm: str = "norm", fused_experts: bool = True) -> Architecture:
+    """A decoder whose layers differ by type: `model.layers`, `model.embed_tokens`, the given writers."""
+    return Architecture("model.layers", ("model.embed_tokens",), writers, f"model.{final_norm}", fused_experts)
+
+
+_GATED_DELTA = _mixer(Writer("linear_attn", ("linear_attn.out_proj",)))
+_LFM2_MIXER = _mixer(Writer("conv", ("conv.out_proj",)), Writer("self_attn", ("self_attn.out_proj",)))
+_LFM2_MLP = Writer("feed_forward", ("feed_forward.w2",))
+
 _LLAMA_LIKE = "llama mistral qwen2 qwen3 phi3 granite gemma cohere cohere2 smollm3 olmo helium".split()
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -113,6 +160,64 @@ ARCHITECTURES: dict[str, Architecture] = {
     "granitemoe": _fused_moe(mlp="block_sparse_moe"),
     "qwen2_moe": _fused_moe(shared="shared_expert"),
     "gpt_oss": _fused_moe(down_axis=2, bias=True),
+    # Heterogeneous layers: a OneOf picks each layer's writer by which modules that layer has.
+    **{t: _hybrid(_ATTENTION, _moe_or_dense()) for t in ("deepseek_v2", "deepseek_v3", "glm4_moe")},
+    "llama4_text": _hybrid(_ATTENTION, _moe_or_dense("feed_forward", "shared_expert", down_axis=2)),
+    # Qwen3-Next and Qwen 3.5: gated-delta linear attention in most layers, full attention in the rest.
+    **{t: _hybrid(_GATED_DELTA, _moe_or_dense(shared="shared_expert")) for t in ("qwen3_next", "qwen3_5_moe_text")},
+    "qwen3_5_text": _hybrid(_GATED_DELTA, Writer("mlp", ("mlp.down_proj",)), fused_experts=False),
+    # LFM2 applies its "embedding_norm" after the last layer; LFM2-MoE's first layers are dense.
+    "lfm2": _hybrid(_LFM2_MIXER, _LFM2_MLP, final_norm="embedding_norm", fused_experts=False),
+    "lfm2_moe": _hybrid(
+        _LFM2_MIXER,
+        OneOf("feed-forward", (Writer("feed_forward", (Param("feed_forward.experts.down_proj", 1),)), _LFM2_MLP)),
+        final_norm="embedding_norm",
+    ),
+    "jamba": _hybrid(_mixer(_mamba()), _moe_or_dense("feed_forward", shared=None), final_norm="final_layernorm"),
+    "bamba": _hybrid(
+        _mixer(_mamba()),
+        Writer("feed_forward", ("feed_forward.down_proj",)),
+        final_norm="final_layernorm",
+        fused_experts=False,
+    ),
+    # Granite 4: Mamba or attention; routed experts unless the model is dense; a shared MLP always.
+    "granitemoehybrid": _hybrid(
+        _mixer(_mamba()),
+        OneOf(
+            "routed experts",
+            (Writer("block_sparse_moe", (Param("block_sparse_moe.experts.down_proj", 1),)), Absent("block_sparse_moe")),
+        ),
+        Writer("shared_mlp", ("shared_mlp.output_linear",)),
+    ),
+    # Falcon-H1 runs Mamba and attention side by side in every layer: both write to the stream.
+    "falcon_h1": _hybrid(
+        _mamba(),
+        _ATTENTION,
+        Writer("feed_forward", ("feed_forward.down_proj",)),
+        final_norm="final_layernorm",
+        fused_experts=False,
+    ),
+    # Nemotron-H: each block is one mixer (Mamba, attention, MLP or MoE) under the same name. A latent
+    # MoE's experts write to a smaller space that fc2_latent_proj maps into the stream, so it is listed
+    # before the plain MoE (the first match wins).
+    "nemotron_h": Architecture(
+        layers="model.layers",
+        embeddings=("model.embeddings",),
+        writers=(
+            OneOf(
+                "mixer",
+                (
+                    _mamba("mixer"),
+                    Writer("mixer", ("mixer.o_proj",)),
+                    Writer("mixer", ("mixer.down_proj",)),
+                    Writer("mixer", ("mixer.fc2_latent_proj", "mixer.shared_experts.down_proj")),
+                    Writer("mixer", (Param("mixer.experts.down_proj", 1), "mixer.shared_experts.down_proj")),
+                ),
+            ),
+        ),
+        final_norm="model.norm_f",
+        fused_experts=True,
+    ),
 }
 
 
@@ -159,6 +264,55 @@ def get(root: nn.Module, path: str):
 def layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
     """The decoder layers."""
     return get(model, arch.layers)
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)  # hybrids set the sublayer a layer lacks to None
+        if obj is None:
+            return False
+    return True
+
+
+def _matches(layer: nn.Module, alternative: Writer | Absent) -> bool:
+    if isinstance(alternative, Absent):
+        return not _has(layer, alternative.path)
+    paths = [alternative.output, alternative.post_norm]
+    # A module writer must have a weight: an nn.Identity standing in for an unused projection does not count.
+    paths += [w.path if isinstance(w, Param) else f"{w}.weight" for w in alternative.weights]
+    return all(_has(layer, p) for p in paths if p)
+
+
+def _describe(alternative: Writer | Absent) -> str:
+    if isinstance(alternative, Absent):
+        return f"no {alternative.path}"
+    return " + ".join(w.path if isinstance(w, Param) else w for w in alternative.weights)
+
+
+def layer_writers(layer: nn.Module, arch: Architecture, index: int) -> tuple[Writer, ...]:
+    """The writers of one decoder layer: plain writers, and each OneOf's one alternative this layer has."""
+    found = []
+    for spec in arch.writers:
+        if isinstance(spec, Writer):
+            found.append(spec)
+            continue
+        matched = next((alt for alt in spec.alternatives if _matches(layer, alt)), None)
+        if matched is None:
+            options = "; ".join(_describe(alt) for alt in spec.alternatives)
+            raise AbliterateError(
+                f"decoder layer {index} ({type(layer).__name__}) has none of the {spec.kind} writers the "
+                f"architecture table lists ({options}); add this layer type's writer to the model's entry "
+                "in abliterate/architectures.py"
+            )
+        if isinstance(matched, Writer):
+            found.append(matched)
+    return tuple(found)
+
+
+def all_layer_writers(model: nn.Module, arch: Architecture) -> list[tuple[Writer, ...]]:
+    """Every decoder layer's writers, in layer order (errors before anything is edited)."""
+    return [layer_writers(layer, arch, i) for i, layer in enumerate(layers(model, arch))]
 
 
 def hidden_size(model: nn.Module) -> int:

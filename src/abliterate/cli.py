@@ -1,4 +1,4 @@
-"""Command line: abliterate run | apply | models | judge | judge-accuracy."""
+"""Command line: abliterate run | apply | chat | models | judge | judge-accuracy."""
 
 from __future__ import annotations
 
@@ -24,9 +24,17 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     pipeline.apply(
         args.source, args.edit, args.out, args.force, args.dtype, args.device, args.trust_remote_code, args.allow_pickle,
-        in_memory=args.in_memory,
+        push_to_hub=args.push_to_hub, in_memory=args.in_memory,
     )
     return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from . import chat
+
+    options = chat.ChatOptions(args.system, args.max_new_tokens, args.temperature)
+    specs = [args.model] + ([args.compare] if args.compare else [])
+    return chat.run(specs, options, args.dtype, args.device, args.trust_remote_code, args.allow_pickle, args.seed)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -114,10 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     apply.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     apply.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    apply.add_argument("--push-to-hub", metavar="REPO", help="upload the saved folder to this hub repo (token: HF_TOKEN)")
     apply.add_argument(
         "--in-memory", action="store_true", help="load the whole model instead of editing a safetensors folder shard by shard"
     )
     apply.set_defaults(func=_cmd_apply)
+    chat = sub.add_parser("chat", help="chat with a model in the terminal; --compare shows a second model's answers too")
+    chat.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
+    chat.add_argument("--compare", metavar="ORIGINAL", help="a second model that answers every message too")
+    chat.add_argument("--system", help="system prompt (default: the template's)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    chat.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
+    chat.add_argument("--dtype", default="auto", help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    chat.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    chat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
+    chat.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    chat.set_defaults(func=_cmd_chat)
     models = sub.add_parser("models", help="list built-in offline models and their cache status")
     models.set_defaults(func=_cmd_models)
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")

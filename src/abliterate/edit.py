@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import Architecture, Param, get, hidden_size, layers, post_norm_gain
+from .architectures import Architecture, Param, all_layer_writers, get, hidden_size, layers, post_norm_gain
+from .errors import AbliterateError
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:
@@ -20,7 +21,7 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
 
 
 def writer_directions(model: nn.Module, arch: Architecture, direction: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Per layer and writer, the direction to remove from that writer's output.
+    """Per layer and writer (in `all_layer_writers` order), the direction to remove from its output.
 
     A writer followed by a norm (out = g * y / rms(y)) has no component along r exactly when y has
     none along g*r, so the edit there uses the gain-scaled direction.
@@ -28,9 +29,9 @@ def writer_directions(model: nn.Module, arch: Architecture, direction: torch.Ten
     r = unit(direction)
     size = hidden_size(model)
     result = []
-    for layer in layers(model, arch):
+    for layer, writers in zip(layers(model, arch), all_layer_writers(model, arch)):
         per_writer = []
-        for writer in arch.writers:
+        for writer in writers:
             if writer.post_norm is None:
                 per_writer.append(r)
             else:
@@ -110,8 +111,8 @@ def ablation(
     if start == 0:
         for name in arch.embeddings:
             post.append((get(model, name), _output_hook(lambda x: _project_out(x, r, scale))))
-    per_layer = writer_directions(model, arch, direction)
-    for index, (layer, directions) in enumerate(zip(layers(model, arch), per_layer)):
+    per_layer = zip(layers(model, arch), all_layer_writers(model, arch), writer_directions(model, arch, direction))
+    for index, (layer, writers, directions) in enumerate(per_layer):
         if index < start:
             continue
         # A full projection of a clean stream is idempotent, so projecting layer inputs too changes
@@ -119,7 +120,7 @@ def ablation(
         # compound per layer, and with start_layer > 0 the stream is not clean, so skip it then.
         if scale == 1.0 and start == 0:
             pre.append((layer, _input_hook(lambda x: _project_out(x, r))))
-        for writer, u in zip(arch.writers, directions):
+        for writer, u in zip(writers, directions):
             post.append((get(layer, writer.output), _output_hook(lambda x, u=u: _project_out(x, u, scale))))
     with add_hooks(pre, post):
         yield
@@ -209,14 +210,21 @@ def edit_targets(
         for name in arch.embeddings:
             for tensor, axis in _residual_params(get(model, name)):
                 targets.append(Target(names.get(id(tensor), name), tensor, axis, r))
-    per_layer = writer_directions(model, arch, direction)
-    for index, (layer, directions) in enumerate(zip(layers(model, arch), per_layer)):
+    per_layer = zip(layers(model, arch), all_layer_writers(model, arch), writer_directions(model, arch, direction))
+    for index, (layer, writers, directions) in enumerate(per_layer):
         if index < params.start_layer:
             continue
-        for writer, u in zip(arch.writers, directions):
+        for writer, u in zip(writers, directions):
             for spec in writer.weights:
                 for tensor, axis in _resolve_weights(layer, spec):
                     targets.append(Target(names.get(id(tensor), str(spec)), tensor, axis, u))
+    size = hidden_size(model)
+    for target in targets:  # a table entry naming the wrong tensor fails here, before anything is edited
+        if target.tensor.shape[target.axis] != size:
+            raise AbliterateError(
+                f"{target.name} has {target.tensor.shape[target.axis]} entries along its residual axis, not the "
+                f"hidden size {size}; the architecture table entry for this model names the wrong tensor"
+            )
     return targets
 
 

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import capture, directions, evaluate, export, model, prompts, report, resume, stream
+from . import capture, directions, evaluate, export, hub, model, prompts, report, resume, stream
 from .edit import orthogonalize
 from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
@@ -77,6 +77,8 @@ def check_settings(settings: Settings) -> Path:
         raise AbliterateError("--top-k must be at least 1")
     if settings.max_kl <= 0:
         raise AbliterateError("--max-kl must be positive")
+    if settings.push_to_hub:
+        hub.check(settings.push_to_hub)
     return out
 
 
@@ -165,6 +167,8 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         (tmp / "README.md").write_text(export.model_card(record), encoding="utf-8")
     seconds = time.time() - started
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
+    if settings.push_to_hub:
+        console.print(f"[bold]uploaded[/] {hub.push(out, settings.push_to_hub)}")
     return RunResult(out, selection, metrics, seconds)
 
 
@@ -241,7 +245,7 @@ def _measure(console: Console, lm: model.LoadedModel, splits: dict, texts: dict,
 
 def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype: str = "auto", device: str = "auto",
           trust_remote_code: bool = False, allow_pickle: bool = False, console: Console | None = None,
-          in_memory: bool = False) -> Path:  # fmt: skip
+          push_to_hub: str | None = None, in_memory: bool = False) -> Path:  # fmt: skip
     """Re-apply a recorded edit (abliteration.json + its directions file) to a model and save it.
 
     A local safetensors folder is edited shard by shard (peak memory about one shard) unless
@@ -254,6 +258,8 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
     out = Path(out_dir).expanduser()
     if out.exists() and not force:
         raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    if push_to_hub:
+        hub.check(push_to_hub)
     resolved = model.resolve(source, allow_pickle)
     plan = None
     if resolved.kind == "folder" and not in_memory:
@@ -284,4 +290,6 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
         export.write_json(tmp / "abliteration.json", applied)
         (tmp / "README.md").write_text(export.model_card(applied), encoding="utf-8")
     console.print(f"[bold green]saved[/] {out}")
+    if push_to_hub:
+        console.print(f"[bold]uploaded[/] {hub.push(out, push_to_hub)}")
     return out

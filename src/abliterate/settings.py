@@ -25,6 +25,7 @@ class Settings:
 
     model: str = _opt("qwen2.5-coder-0.5b-instruct", "built-in name, HF folder, .gguf file or hub id", positional=True)
     out: str = _opt("", "output folder for the abliterated model")
+    push_to_hub: str | None = _opt(None, "upload the finished output folder to this hub repo (owner/name); token from HF_TOKEN")
     harmful: str = _opt("harmful", "harmful prompts: built-in set name, file or hub dataset")
     harmless: str = _opt("harmless", "harmless prompts: built-in set name, file or hub dataset")
     benign: str = _opt("benign_alarming", "benign prompts with alarming words, for over-refusal")
