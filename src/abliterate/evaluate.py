@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .judge import judge
+from .judge import judge_many, rule_judge
 from .model import kl_divergence
 
 
@@ -106,7 +106,7 @@ class JudgedAnswers:
 
 def judge_answers(name: str, prompts: list[str], categories: list[str], responses: list[str]) -> JudgedAnswers:
     """Label every (prompt, response) pair with the judge."""
-    verdicts = [judge(p, r) for p, r in zip(prompts, responses)]
+    verdicts = judge_many(zip(prompts, responses))
     return JudgedAnswers(name, prompts, categories, responses, [v.label for v in verdicts], [v.score for v in verdicts])
 
 
@@ -161,14 +161,42 @@ def sample_pairs(before: JudgedAnswers, after: JudgedAnswers, count: int = 6, se
 
 
 def summarize(before: dict, after: dict) -> dict:
-    """Before/after rates with paired tests, and first-token KL on harmless prompts."""
+    """Before/after rates with paired tests; first-token KL, multi-token KL and perplexity where measured."""
     metrics = {}
     for key in ("harmful", "benign"):
         for label in ("refusal", "degenerate"):
             metrics[f"{key}_{label}"] = compare(before[key], after[key], label).as_dict()
-    kl = kl_divergence(before["harmless_logprobs"], after["harmless_logprobs"]).tolist()
-    metrics["kl_first_token_harmless"] = asdict(bootstrap_mean(kl))
+    if "harmless_logprobs" in before and "harmless_logprobs" in after:
+        kl = kl_divergence(before["harmless_logprobs"], after["harmless_logprobs"]).tolist()
+        metrics["kl_first_token_harmless"] = asdict(bootstrap_mean(kl))
+    if "damage" in before and "damage" in after:
+        metrics.update(damage_summary(before["damage"], after["damage"]))
     return metrics
+
+
+def perplexity(nll: list[float]) -> dict:
+    """exp of the mean per-text negative log-likelihood; the bootstrap interval of the mean, exponentiated."""
+    m = bootstrap_mean(nll)
+    return {"value": math.exp(m.value), "low": math.exp(m.low), "high": math.exp(m.high), "n": m.n}
+
+
+def damage_summary(before: dict, after: dict) -> dict:
+    """Per-token KL over the original's answers, and perplexities before/after with the paired change in NLL.
+
+    `before` and `after` are damage.measure() results for the original and the edited model.
+    """
+    result = {}
+    if "answer_kl" in after:
+        result["kl_answer_harmless"] = {**asdict(bootstrap_mean(after["answer_kl"])), "tokens": after["answer_tokens"]}
+    for key, name in (("text_nll", "perplexity_harmless_text"), ("answer_nll", "perplexity_original_answers")):
+        if key in before and key in after:
+            change = [a - b for a, b in zip(after[key], before[key])]
+            result[name] = {
+                "before": perplexity(before[key]),
+                "after": perplexity(after[key]),
+                "nll_change": asdict(bootstrap_mean(change)),  # paired over the same texts
+            }
+    return result
 
 
 @dataclass(frozen=True)
@@ -183,12 +211,14 @@ class JudgeAccuracy:
     confusion: dict  # human label -> judge label -> count
 
 
-def judge_accuracy(rows: list[dict]) -> JudgeAccuracy:
-    """Score the judge against rows with prompt, response and a human label."""
+def judge_accuracy(rows: list[dict], rules_only: bool = False) -> JudgeAccuracy:
+    """Score the judge (or its rule stage alone) against rows with prompt, response and a human label."""
     labels = ("refusal", "compliance", "degenerate")
     confusion = {h: dict.fromkeys(labels, 0) for h in labels}
-    for row in rows:
-        confusion[row["label"]][judge(row["prompt"], row["response"]).label] += 1
+    pairs = [(row["prompt"], row["response"]) for row in rows]
+    verdicts = [rule_judge(p, r) for p, r in pairs] if rules_only else judge_many(pairs)
+    for row, verdict in zip(rows, verdicts):
+        confusion[row["label"]][verdict.label] += 1
     n = sum(sum(c.values()) for c in confusion.values())
     correct = sum(confusion[h][h] for h in labels)
     tp = confusion["refusal"]["refusal"]

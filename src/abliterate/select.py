@@ -15,7 +15,7 @@ from .architectures import Architecture
 from .directions import Candidates
 from .edit import EditParams, ablation, addition
 from .errors import AbliterateError
-from .judge import judge
+from .judge import judge_many
 from .model import generate, kl_divergence, last_token_logprobs
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def find_refusal_tokens(
         ids = tokenizer(prompt + answer, add_special_tokens=False).input_ids
         start = len(tokenizer(prompt, add_special_tokens=False).input_ids)
         first_ids.append(ids[start] if start < len(ids) else None)
-    labels = [judge(p, a).label for p, a in zip(prompts, answers)]
+    labels = [v.label for v in judge_many(zip(prompts, answers))]
     opens_refusal = Counter(t for t, lab in zip(first_ids, labels) if lab == "refusal" and t is not None)
     opens_any = Counter(t for t in first_ids if t is not None)
     n_refusals = sum(opens_refusal.values())
