@@ -98,6 +98,15 @@ def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .html_report import write_report
+
+    print(write_report(Path(args.run_dir).expanduser()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `run` flags come from the Settings dataclass."""
     from . import settings
@@ -149,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("file", nargs="?", help="labelled .jsonl (default: the built-in labelled set)")
     accuracy.add_argument("--split", help="only rows whose 'split' field has this value")
     accuracy.set_defaults(func=_cmd_judge_accuracy)
+    report = sub.add_parser("report", help="re-render a run folder's report.html and report/*.png from its files")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished run")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import capture, directions, evaluate, export, hub, model, prompts, report, resume, stream
+from . import capture, directions, evaluate, export, html_report, hub, model, prompts, report, resume, stream
 from .edit import orthogonalize
 from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
@@ -165,6 +165,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         if before:
             export.write_json(tmp / "evaluation.json", export.answers_record(before, after))
         (tmp / "README.md").write_text(export.model_card(record), encoding="utf-8")
+        html_report.write_report(tmp)  # report.html and report/*.png, from the files just written
     seconds = time.time() - started
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
     if settings.push_to_hub:
