@@ -37,6 +37,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return chat.run(specs, options, args.dtype, args.device, args.trust_remote_code, args.allow_pickle, args.seed)
 
 
+def _cmd_export_adapter(args: argparse.Namespace) -> int:
+    from .adapter import export_adapter
+
+    export_adapter(args.run, args.base, args.out, args.force, args.trust_remote_code, args.allow_pickle)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -148,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     chat.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
     chat.set_defaults(func=_cmd_chat)
+    adapter = sub.add_parser("export-adapter", help="save a run's edit as a PEFT LoRA adapter for the original model")
+    adapter.add_argument("run", help="the run's output folder (abliteration.json and directions.safetensors)")
+    adapter.add_argument("--base", required=True, help="the original model: built-in name, HF folder, .gguf or hub id")
+    adapter.add_argument("--out", required=True, help="adapter folder to write")
+    adapter.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    adapter.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
+    adapter.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    adapter.set_defaults(func=_cmd_export_adapter)
     models = sub.add_parser("models", help="list built-in offline models and their cache status")
     models.set_defaults(func=_cmd_models)
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")

@@ -1,0 +1,93 @@
+"""export-adapter: PeftModel.from_pretrained(base, adapter) reproduces the orthogonalized model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import VOCAB, save_tiny_checkpoint, tiny_model
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_stream import recorded_edit
+from transformers import AutoModelForCausalLM
+
+from abliterate.adapter import build, export_adapter
+from abliterate.architectures import architecture_for
+from abliterate.edit import EditParams, orthogonalize
+from abliterate.errors import AbliterateError
+
+
+def load(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+CASES = [
+    ("llama", {"tie_word_embeddings": False}, 1.0, 0),
+    ("llama", {"tie_word_embeddings": True}, 1.0, 0),  # the head keeps the original embedding
+    ("qwen2", {}, 0.7, 1),
+    ("gpt2", {}, 1.0, 0),  # Conv1D, biases (lora_bias), two embeddings, tied head
+    ("gemma2", {}, -1.0, 0),  # post-norm writers, induced
+    ("mixtral", {}, 1.0, 0),  # fused experts via target_parameters
+]
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "scale", "start_layer"), CASES)
+def test_adapter_reproduces_the_edited_model(tmp_path, model_type, overrides, scale, start_layer):
+    source = save_tiny_checkpoint(tmp_path / "base", model_type, **overrides)
+    edit = recorded_edit(tmp_path / "run", 64, scale, start_layer)
+    out = export_adapter(str(edit.parent), str(source), str(tmp_path / "adapter"))
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 1 and config["lora_alpha"] == 1
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    factors = [t for n, t in weights.items() if ("lora_A" in n or "lora_embedding_A" in n) and "experts" not in n]
+    assert factors and all(t.shape[0] == 1 for t in factors)  # rank 1 per edited matrix
+    assert json.loads((out / "abliteration.json").read_text())["adapter"]["max_abs_weight_error"] < 1e-6
+
+    edited = load(source)
+    orthogonalize(edited, architecture_for(edited), load_file(str(edit.parent / "directions.safetensors"))["direction"],
+                  EditParams(scale, start_layer))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapted = PeftModel.from_pretrained(load(source), str(out)).eval()
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got, original = (m(input_ids=ids).logits for m in (edited, adapted, load(source)))
+    assert (expected - original).abs().max() > 1e-2  # the edit matters, so matching it means something
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = adapted.merge_and_unload().state_dict()
+    for name, tensor in edited.state_dict().items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_gpt_oss_expert_biases_are_refused_by_name():
+    model = tiny_model("gpt_oss", dtype=torch.float32)
+    with pytest.raises(AbliterateError, match="gpt_oss.*down_proj_bias.*abliterate apply"):
+        build(model, architecture_for(model), torch.randn(64, dtype=torch.float64), EditParams())
+
+
+def test_a_non_projection_edit_is_refused(tmp_path, tiny_checkpoint):
+    edit = recorded_edit(tmp_path / "run", 64)
+    record = json.loads(edit.read_text())
+    record["edit"]["kind"] = "norm_preserving"
+    edit.write_text(json.dumps(record))
+    with pytest.raises(AbliterateError, match="not a rank-1 projection"):
+        export_adapter(str(edit.parent), str(tiny_checkpoint), str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_cli_export_adapter(tmp_path, tiny_checkpoint, capsys):
+    from abliterate.cli import main
+
+    edit = recorded_edit(tmp_path / "run", 64)
+    assert main(["export-adapter", str(edit.parent), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    code = main(["export-adapter", str(tmp_path / "nowhere"), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "b")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "b").exists()
