@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -150,19 +151,31 @@ def load(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: Callable[[str], None] = print,
+    load_in_4bit: bool = False,
 ) -> LoadedModel:
-    """Load model and tokenizer; built-in models are fetched and their dequantized weights cached."""
+    """Load model and tokenizer; built-in models are fetched and their dequantized weights cached.
+
+    load_in_4bit quantizes the linear layers with bitsandbytes (CUDA only): good enough to collect
+    and select, but such a model cannot be edited or saved.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = pick_device(device)
+    if load_in_4bit:
+        check_4bit(device)
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle)
     spec = source.spec
-    device = pick_device(device)
     compute_dtype = pick_dtype(dtype, device)
     kwargs: dict = {"dtype": compute_dtype, "trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if device == "cuda" and torch.cuda.device_count() > 1:
         kwargs["device_map"] = "auto"  # accelerate spreads the layers over the GPUs
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs.setdefault("device_map", {"": device})  # a quantized model is placed while loading, never moved
 
     if source.kind == "builtin":
         builtin = offline.BUILTIN_MODELS[spec]
@@ -198,6 +211,16 @@ def load(
     tokenizer.truncation_side = "left"
     source_dtype = torch.float32 if source.kind in ("builtin", "gguf") else _config_dtype(model, compute_dtype)
     return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype)
+
+
+def check_4bit(device: str) -> None:
+    """4-bit loading needs bitsandbytes and a CUDA device; say so before anything is loaded."""
+    if not device.startswith("cuda"):
+        raise AbliterateError(
+            f"--load-in-4bit needs a CUDA GPU (bitsandbytes) but the device is '{device}'; drop --load-in-4bit"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AbliterateError("--load-in-4bit needs bitsandbytes; install it with pip install 'abliterate[quant]'")
 
 
 def _check_weights_format(folder: Path, allow_pickle: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from contextlib import contextmanager
@@ -79,6 +80,8 @@ def check_settings(settings: Settings) -> Path:
         raise AbliterateError("--max-kl must be positive")
     if settings.push_to_hub:
         hub.check(settings.push_to_hub)
+    if settings.load_in_4bit:
+        model.check_4bit(model.pick_device(settings.device))
     return out
 
 
@@ -91,7 +94,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     splits = load_prompt_sets(settings)
     source = model.resolve(settings.model, settings.allow_pickle)
     console.print(f"[bold]loading[/] {settings.model}")
-    lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4])
+    lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4], settings.load_in_4bit)
     tok, net, arch = lm.tokenizer, lm.model, lm.arch
     texts = {
         key: {part: prompts.format_all(tok, getattr(split, part).texts, settings.system_prompt) for part in PARTS}
@@ -114,6 +117,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         "positions": settings.positions,
         "dtype": str(next(net.parameters()).dtype),
         "max_length": tok.model_max_length,
+        **({"load_in_4bit": True} if settings.load_in_4bit else {}),  # keeps the keys of full-precision runs
     }
     means_key = resume.stage_key(lm.source, "collect", inputs)
     cached = resume.load_means(means_key)
@@ -144,6 +148,10 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     report.print_candidates(console, selection)
     chosen = selection.chosen
     direction = candidates.direction(chosen.position, chosen.layer)
+    if settings.load_in_4bit:  # the 4-bit copy served collect and select; evaluate and edit the real weights
+        del lm, net
+        lm = _reload_full_precision(console, source, settings, splits["harmless"].train.texts[:4])
+        tok, net, arch = lm.tokenizer, lm.model, lm.arch
 
     before: dict = {}
     if not settings.no_eval:
@@ -174,11 +182,11 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
 
 
 def _load_finite(
-    console: Console, source: model.ModelSource, settings: Settings, probe: list[str]
+    console: Console, source: model.ModelSource, settings: Settings, probe: list[str], load_in_4bit: bool = False
 ) -> model.LoadedModel:
     """Load the model; if a half-precision forward pass overflows to inf/NaN, reload in float32."""
     load = lambda dtype: model.load(  # noqa: E731
-        source, dtype, settings.device, settings.trust_remote_code, settings.allow_pickle, console.print
+        source, dtype, settings.device, settings.trust_remote_code, settings.allow_pickle, console.print, load_in_4bit
     )
     lm = load(settings.dtype)
     texts = prompts.format_all(lm.tokenizer, probe, settings.system_prompt)
@@ -197,6 +205,17 @@ def _load_finite(
             "the model gives inf/NaN logits even in float32; its weights are broken, check the checkpoint"
         )
     return lm
+
+
+def _reload_full_precision(
+    console: Console, source: model.ModelSource, settings: Settings, probe: list[str]
+) -> model.LoadedModel:
+    """Free the 4-bit model (the caller has dropped its references) and load the source in settings.dtype."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    console.print(f"[bold]reloading[/] {settings.model} in full precision for evaluation and the edit")
+    return _load_finite(console, source, settings, probe)
 
 
 def _collect(console: Console, lm: model.LoadedModel, settings: Settings, harmful: list[str], harmless: list[str]):

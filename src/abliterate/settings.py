@@ -43,6 +43,7 @@ class Settings:
     project_harmless_mean: bool = _opt(False, "remove each direction's component along the harmless mean")
     dtype: str = _opt("auto", "compute and save dtype: auto, float32, bfloat16, float16, float64")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    load_in_4bit: bool = _opt(False, "collect and select on a bitsandbytes 4-bit copy (CUDA only); edit full-precision weights")
     batch_size: int = _opt(16, "prompts per forward pass")
     max_new_tokens: int = _opt(96, "tokens generated per answer for evaluation")
     n_train: int = _opt(128, "prompts of each kind for the mean difference")
