@@ -186,7 +186,7 @@ def remove_component_(tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: f
     for part in parts:
         exact = part.double()
         coeff = torch.tensordot(exact, u, dims=([axis], [0])).unsqueeze(axis)
-        part.copy_(exact - scale * coeff * u_shaped)
+        part.copy_(exact.sub_(scale * coeff * u_shaped))  # in place: one float64 chunk fewer, same bits
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class StreamPlan:
                     edited[self.head_copy[0]] = self._cast(tensor).clone()  # the head keeps the original
                 if key in self.targets:
                     axis, u = self.targets[key]
-                    work = tensor.to(self.device, self.compute_dtype, copy=True)
+                    work = tensor.to(self.device, self.compute_dtype)  # the loaded tensor is ours to edit in place
                     remove_component_(work, axis, u, self.scale)
                     edited[key] = work.to("cpu", self.save_dtype or tensor.dtype)
                 else:
