@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -88,6 +89,8 @@ def test_cli_export_adapter(tmp_path, tiny_checkpoint, capsys):
 
     edit = recorded_edit(tmp_path / "run", 64)
     assert main(["export-adapter", str(edit.parent), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "a")]) == 0
-    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not private
     code = main(["export-adapter", str(tmp_path / "nowhere"), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "b")])
     assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "b").exists()

@@ -38,6 +38,9 @@ def staging(out: Path, force: bool) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output folder should not be
     try:
         yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(0o666 & ~umask)  # safetensors writes its files private; the output should not be
         if out.exists():
             if not force:
                 raise AbliterateError(f"output folder {out} appeared during the run; pass --force to replace it")
