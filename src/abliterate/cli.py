@@ -114,6 +114,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+
+    out = export_gguf(args.model_dir, args.out, args.type, args.source_gguf, args.force)
+    print(f"wrote {out} ({args.type})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `run` flags come from the Settings dataclass."""
     from . import settings
@@ -176,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render a run folder's report.html and report/*.png from its files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished run")
     report.set_defaults(func=_cmd_report)
+    to_gguf = sub.add_parser("export-gguf", help="write a saved model folder as a GGUF file for llama.cpp, Ollama, LM Studio")
+    to_gguf.add_argument("model_dir", metavar="DIR", help="the --out folder of a run or of apply")
+    to_gguf.add_argument("--out", required=True, help="the .gguf file to write")
+    to_gguf.add_argument("--type", default="f16", help="f16 (default), bf16 or q8_0; for K-quants run llama-quantize on it")
+    to_gguf.add_argument("--source-gguf", metavar="PATH", help="the GGUF the model came from, to keep its metadata")
+    to_gguf.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    to_gguf.set_defaults(func=_cmd_export_gguf)
     return parser
 
 
