@@ -130,3 +130,23 @@ def test_wrong_hidden_size_is_one_clear_error(tmp_path):
     with pytest.raises(AbliterateError, match="hidden size"):
         pipeline.apply(str(source), str(edit), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from abliterate.architectures import architecture_for
+    from abliterate.edit import EditParams, orthogonalize
+
+    source = tmp_path / "source"
+    tiny_model("llama", dtype=torch.bfloat16, tie_word_embeddings=True).save_pretrained(source, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(source)
+    edit = recorded_edit(tmp_path / "run", 64, 0.8)
+    streamed = all_tensors(pipeline.apply(str(source), str(edit), str(tmp_path / "streamed")))
+    # The reference: computed in float32 (the CPU compute dtype), saved back in the source's bfloat16.
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    orthogonalize(reference, architecture_for(reference), load_file(str(edit.parent / "directions.safetensors"))["direction"],
+                  EditParams(0.8))  # fmt: skip
+    expected = {k: v.to(torch.bfloat16) for k, v in reference.state_dict().items()}
+    assert set(streamed) == set(expected)
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[k]) for k, t in streamed.items())
