@@ -122,6 +122,25 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import evaluation_run
+
+    return evaluation_run.main(args)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    return benchmark.main(args)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="auto", help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `run` flags come from the Settings dataclass."""
     from . import settings
@@ -173,6 +192,39 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.set_defaults(func=_cmd_export_adapter)
     models = sub.add_parser("models", help="list built-in offline models and their cache status")
     models.set_defaults(func=_cmd_models)
+    ev = sub.add_parser("evaluate", help="refusal, over-refusal, KL and perplexity of any model, against its original")
+    ev.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
+    ev.add_argument("--baseline", metavar="ORIGINAL", help="the original model, for paired tests and KL")
+    ev.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.md beside it")
+    ev.add_argument("--force", action="store_true", help="replace existing report files")
+    for name, default, help_ in (
+        ("--harmful", "harmful", "harmful prompts: built-in set name or file"),
+        ("--benign", "benign_alarming", "benign prompts with alarming words: built-in set name or file"),
+        ("--harmless", "harmless", "harmless prompts for KL and answer perplexity: built-in set name or file"),
+        ("--system-prompt", None, "system prompt for every conversation (default: the template's)"),
+    ):
+        ev.add_argument(name, default=default, help=f"{help_} (default: {default})")
+    for name, default, help_ in (
+        ("--n-test", 64, "prompts of each kind; for built-in sets the test part `run` holds out"),
+        ("--max-new-tokens", 96, "tokens generated per answer"),
+        ("--kl-tokens", 32, "tokens of the baseline's greedy harmless answers scored for KL"),
+        ("--batch-size", 16, "prompts per forward pass"),
+        ("--seed", 0, "seed of the prompt split"),
+        ("--samples", 6, "side-by-side sample answers per prompt set in the report"),
+    ):
+        ev.add_argument(name, type=int, default=default, help=f"{help_} (default: {default})")
+    _add_model_flags(ev)
+    ev.set_defaults(func=_cmd_evaluate)
+    bench = sub.add_parser("benchmark", help="lm-evaluation-harness tasks, original and model side by side")
+    bench.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
+    bench.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,hellaswag")
+    bench.add_argument("--baseline", metavar="ORIGINAL", help="the original model, measured side by side")
+    bench.add_argument("--limit", type=int, help="at most this many examples per task (a quick look, not a result)")
+    bench.add_argument("--out", metavar="FILE.json", help="write the results here, and FILE.md beside it")
+    bench.add_argument("--force", action="store_true", help="replace existing result files")
+    bench.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    _add_model_flags(bench)
+    bench.set_defaults(func=_cmd_benchmark)
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")
     judge.add_argument("file", help=".jsonl with 'prompt' and 'response' on each line")
     judge.add_argument("--out", required=True, help="where to write the labelled .jsonl")

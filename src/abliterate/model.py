@@ -306,18 +306,19 @@ def last_token_logprobs(model: nn.Module, tokenizer, texts: list[str], batch_siz
 
 
 @torch.no_grad()
-def generate(
+def generate_ids(
     model: nn.Module,
     tokenizer,
     texts: list[str],
     max_new_tokens: int,
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
-) -> list[str]:
-    """Greedy continuations of each prompt, decoded without special tokens, in input order."""
+) -> list[tuple[list[int], list[int]]]:
+    """Greedy decoding: per prompt, in input order, (prompt ids, answer ids up to and including the first EOS)."""
     device = model.get_input_embeddings().weight.device
+    stop = stop_ids(model, tokenizer)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers: list[str] = [""] * len(texts)
+    result: list[tuple[list[int], list[int]]] = [([], [])] * len(texts)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         inputs = encode(tokenizer, [texts[i] for i in index], device)
@@ -331,12 +332,35 @@ def generate(
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
         )
-        new = out[:, inputs["input_ids"].shape[1] :]
-        for i, row in zip(index, new):
-            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        width = inputs["input_ids"].shape[1]
+        for i, row, mask in zip(index, out.tolist(), inputs["attention_mask"].bool().tolist()):
+            answer = row[width:]
+            end = next((k + 1 for k, t in enumerate(answer) if t in stop), len(answer))
+            result[i] = ([t for t, keep in zip(row[:width], mask) if keep], answer[:end])
         if on_batch:
             on_batch(len(index))
-    return answers
+    return result
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy continuations of each prompt, decoded without special tokens, in input order."""
+    pairs = generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, on_batch)
+    return [tokenizer.decode(answer, skip_special_tokens=True).strip() for _, answer in pairs]
+
+
+def stop_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The token ids that end an answer: the generation config's EOS ids, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return {eos} if isinstance(eos, int) else set(eos or ())
 
 
 def kl_divergence(reference: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import capture, directions, evaluate, export, html_report, hub, model, prompts, report, resume, stream
+from . import capture, damage, directions, evaluate, export, html_report, hub, model, prompts, report, resume, stream
 from .edit import orthogonalize
 from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
@@ -69,7 +69,7 @@ def check_settings(settings: Settings) -> Path:
     out = Path(settings.out).expanduser()
     if out.exists() and not settings.force:
         raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
-    for name in ("n_train", "n_val", "batch_size", "max_new_tokens", "positions"):
+    for name in ("n_train", "n_val", "batch_size", "max_new_tokens", "kl_tokens", "positions"):
         if getattr(settings, name) < 1:
             raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1")
     if settings.n_test < 1 and not settings.no_eval:
@@ -101,7 +101,8 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         for key, split in splits.items()
     }
     too_long = model.limit_prompt_length(
-        tok, net, [t for parts in texts.values() for ts in parts.values() for t in ts], settings.max_new_tokens
+        tok, net, [t for parts in texts.values() for ts in parts.values() for t in ts],
+        max(settings.max_new_tokens, settings.kl_tokens),
     )
     if too_long:
         console.print(
@@ -155,12 +156,12 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
 
     before: dict = {}
     if not settings.no_eval:
-        before = _measure(console, lm, splits, texts, settings, "before")
+        before = _measure(console, lm, splits, texts, settings, "before", None)
     edited = orthogonalize(net, arch, direction, chosen.params)
     after: dict = {}
     metrics: dict = {}
     if not settings.no_eval:
-        after = _measure(console, lm, splits, texts, settings, "after")
+        after = _measure(console, lm, splits, texts, settings, "after", before["reference"])
         metrics = evaluate.summarize(before, after)
         report.print_metrics(console, metrics)
 
@@ -250,8 +251,15 @@ def _select(console: Console, lm: model.LoadedModel, settings: Settings, candida
         )  # fmt: skip
 
 
-def _measure(console: Console, lm: model.LoadedModel, splits: dict, texts: dict, settings: Settings, when: str) -> dict:
-    """Answers to held-out harmful and benign prompts, judged, and harmless next-token log-probs."""
+def _measure(
+    console: Console, lm: model.LoadedModel, splits: dict, texts: dict, settings: Settings, when: str,
+    reference: damage.Reference | None,
+) -> dict:  # fmt: skip
+    """Judged answers to held-out harmful and benign prompts; harmless next-token log-probs; KL and perplexity.
+
+    Without a reference this is the original model: its greedy harmless answers become the reference
+    that the edited model is later scored on.
+    """
     tok, net, bs = lm.tokenizer, lm.model, settings.batch_size
     result = {}
     for key in ("harmful", "benign"):
@@ -260,6 +268,13 @@ def _measure(console: Console, lm: model.LoadedModel, splits: dict, texts: dict,
             answers = model.generate(net, tok, formatted, settings.max_new_tokens, bs, step)
         result[key] = evaluate.judge_answers(key, test.texts, [p.category for p in test.prompts], answers)
     result["harmless_logprobs"] = model.last_token_logprobs(net, tok, texts["harmless"]["test"], bs)
+    if reference is None:
+        harmless = texts["harmless"]["test"]
+        with progress_bar(console, f"generate {when}: harmless ({len(harmless)}, for KL)", len(harmless)) as step:
+            reference = damage.reference_answers(net, tok, harmless, settings.kl_tokens, bs, step)
+    result["reference"] = reference
+    with progress_bar(console, f"score {when}: KL and perplexity", 1):
+        result["damage"] = damage.measure(net, tok, reference, damage.harmless_text(), bs)
     return result
 
 

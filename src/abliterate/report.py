@@ -54,11 +54,25 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     for key, name in LABELS.items():
         m = metrics[key]
         rows.append((name, _pct(m["before"]), _pct(m["after"]), f"{m['p_value']:.3g}"))
-    kl = metrics["kl_first_token_harmless"]
-    rows.append(
-        ("First-token KL, harmless test prompts", "0", f"{kl['value']:.4f} [{kl['low']:.4f}-{kl['high']:.4f}]", "")
+    kl_rows = (
+        ("kl_first_token_harmless", "First-token KL, harmless test prompts"),
+        ("kl_answer_harmless", "Per-token KL on the original's harmless answers"),
     )
+    for key, name in kl_rows:
+        if kl := metrics.get(key):
+            rows.append((name, "0", f"{kl['value']:.4f} [{kl['low']:.4f}-{kl['high']:.4f}]", ""))
+    ppl_rows = (
+        ("perplexity_harmless_text", "Perplexity, plain harmless text"),
+        ("perplexity_original_answers", "Perplexity of the original's harmless answers"),
+    )
+    for key, name in ppl_rows:
+        if ppl := metrics.get(key):
+            rows.append((name, _ppl(ppl["before"]), _ppl(ppl["after"]), ""))
     return rows
+
+
+def _ppl(m: dict) -> str:
+    return f"{m['value']:.2f} [{m['low']:.2f}-{m['high']:.2f}]"
 
 
 def print_metrics(console: Console, metrics: dict) -> None:

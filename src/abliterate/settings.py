@@ -46,6 +46,7 @@ class Settings:
     load_in_4bit: bool = _opt(False, "collect and select on a bitsandbytes 4-bit copy (CUDA only); edit full-precision weights")
     batch_size: int = _opt(16, "prompts per forward pass")
     max_new_tokens: int = _opt(96, "tokens generated per answer for evaluation")
+    kl_tokens: int = _opt(32, "tokens of the original's greedy harmless answers scored for multi-token KL")
     n_train: int = _opt(128, "prompts of each kind for the mean difference")
     n_val: int = _opt(32, "prompts of each kind for selection")
     n_test: int = _opt(64, "held-out harmful and benign prompts for evaluation")

@@ -1,0 +1,118 @@
+"""`abliterate evaluate`: a report with intervals, paired tests, KL and perplexity; clean failures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import save_tiny_checkpoint
+from transformers import AutoModelForCausalLM
+
+from abliterate import cli, damage
+from abliterate.architectures import architecture_for
+from abliterate.edit import orthogonalize, unit
+
+FAST = ["--n-test", "4", "--max-new-tokens", "8", "--kl-tokens", "4", "--batch-size", "4", "--samples", "2"]
+RATES = ("harmful_refusal", "harmful_degenerate", "benign_refusal", "benign_degenerate")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny original and an orthogonalized copy of it, saved as ordinary HF folders."""
+    root = tmp_path_factory.mktemp("evaluate")
+    base = save_tiny_checkpoint(root / "base")
+    net = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    r = unit(torch.randn(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    orthogonalize(net, architecture_for(net), r)
+    edited = root / "edited"
+    net.save_pretrained(edited)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, edited / f.name)
+    return base, edited
+
+
+@pytest.fixture(autouse=True)
+def few_paragraphs(monkeypatch):
+    """Four perplexity paragraphs instead of sixty: byte-level tiny tokenizers make them long."""
+    texts = damage.harmless_text()[:4]
+    monkeypatch.setattr(damage, "harmless_text", lambda: texts)
+
+
+def evaluate(*args):
+    return cli.main(["evaluate", *map(str, args), *FAST])
+
+
+def check_interval(d: dict) -> None:
+    assert 0 <= d["low"] <= d["high"] <= 1
+
+
+def test_against_baseline_writes_json_and_markdown(tmp_path, checkpoints):
+    base, edited = checkpoints
+    out = tmp_path / "report.json"
+    assert evaluate(edited, "--baseline", base, "--out", out) == 0
+    report = json.loads(out.read_text())
+    for key in ("model", "baseline", "settings", "prompts", "metrics", "samples", "answers"):
+        assert key in report, key
+    metrics = report["metrics"]
+    for key in RATES:
+        m = metrics[key]
+        for side in ("before", "after"):
+            check_interval(m[side])
+            assert m[side]["low"] <= m[side]["value"] <= m[side]["high"] and m[side]["n"] == 4
+        assert 0 <= m["p_value"] <= 1
+        assert sum(b["n"] for b, _ in m["by_category"].values()) == 4  # every prompt in one category
+    assert metrics["kl_first_token_harmless"]["value"] > 1e-5
+    assert metrics["kl_answer_harmless"]["value"] > 1e-5 and metrics["kl_answer_harmless"]["n"] == 4
+    assert 4 <= metrics["kl_answer_harmless"]["tokens"] <= 16  # at most --kl-tokens per prompt
+    for key in ("perplexity_harmless_text", "perplexity_original_answers"):
+        for side in ("before", "after"):
+            assert 1 < metrics[key][side]["low"] <= metrics[key][side]["value"] <= metrics[key][side]["high"]
+    assert len(report["answers"]["harmful"]) == 4 and "baseline_answer" in report["answers"]["harmful"][0]
+    assert len(report["samples"]["benign"]) == 2
+    md = out.with_suffix(".md").read_text()
+    assert "| metric | baseline | model | paired p |" in md
+    assert "Per-token KL on the original's harmless answers" in md and "## By category" in md
+    assert "## Sample answers" in md and "| baseline (" in md
+
+
+def test_against_itself_costs_nothing(tmp_path, checkpoints):
+    base, _ = checkpoints
+    out = tmp_path / "same.json"
+    assert evaluate(base, "--baseline", base, "--out", out) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["kl_first_token_harmless"]["value"] < 1e-6
+    assert metrics["kl_answer_harmless"]["value"] < 1e-6
+    assert all(metrics[key]["p_value"] == 1.0 for key in RATES)  # the same greedy answers
+    ppl = metrics["perplexity_original_answers"]
+    assert ppl["after"]["value"] == pytest.approx(ppl["before"]["value"], rel=1e-5)
+
+
+def test_without_baseline_reports_rates_and_text_perplexity(tmp_path, checkpoints):
+    _, edited = checkpoints
+    out = tmp_path / "alone.json"
+    assert evaluate(edited, "--out", out) == 0
+    report = json.loads(out.read_text())
+    assert report["baseline"] is None
+    metrics = report["metrics"]
+    for key in RATES:
+        check_interval(metrics[key]["rate"])
+    assert metrics["perplexity_harmless_text"]["value"] > 1
+    assert not any(key.startswith("kl_") for key in metrics)
+    assert "| metric | model |" in out.with_suffix(".md").read_text()
+
+
+def test_bad_model_path_is_one_line_and_writes_nothing(tmp_path, capsys, checkpoints):
+    base, _ = checkpoints
+    out = tmp_path / "r.json"
+    assert evaluate(tmp_path / "no" / "such", "--baseline", base, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a local path" in err[0]
+    assert list(tmp_path.iterdir()) == []
+    assert evaluate(base, "--out", tmp_path / "r.txt") == 2
+    assert "must name a .json file" in capsys.readouterr().err
+    out.write_text("{}")
+    assert evaluate(base, "--out", out) == 2
+    assert "--force" in capsys.readouterr().err and out.read_text() == "{}"
