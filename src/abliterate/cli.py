@@ -1,4 +1,4 @@
-"""Command line: abliterate run | apply | chat | models | judge | judge-accuracy."""
+"""Command line: abliterate run | apply | chat | models | judge | judge-train | judge-accuracy."""
 
 from __future__ import annotations
 
@@ -64,41 +64,81 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .export import atomic_write_text
-    from .judge import judge
+    from .judge import Classifier, judge_many, rule_judge
     from .prompts import read_jsonl
 
-    lines = []
-    for item in read_jsonl(Path(args.file), ("prompt", "response")):
-        verdict = judge(str(item["prompt"]), str(item["response"] or ""))
-        lines.append(json.dumps({**item, "label": verdict.label, "score": round(verdict.score, 4)}, ensure_ascii=False))
+    items = read_jsonl(Path(args.file), ("prompt", "response"))
+    pairs = [(str(item["prompt"]), str(item["response"] or "")) for item in items]
+    if args.llm_endpoint:
+        from .judge.llm import llm_judge_many
+
+        verdicts = llm_judge_many(pairs, args.llm_endpoint, args.llm_model)
+    elif args.rules_only:
+        verdicts = [rule_judge(p, r) for p, r in pairs]
+    else:
+        verdicts = judge_many(pairs, Classifier.load(Path(args.classifier)) if args.classifier else None)
+    lines = [
+        json.dumps({**item, "label": v.label, "score": round(v.score, 4)}, ensure_ascii=False)
+        for item, v in zip(items, verdicts)
+    ]
     atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     return 0
 
 
-def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
+def _labelled_rows(file: str | None, split: str | None) -> tuple:
+    """Rows of a labelled .jsonl (default: the built-in set), checked, optionally one split only."""
     from pathlib import Path
 
-    from rich.console import Console
-    from rich.table import Table
-
-    from .evaluate import judge_accuracy
     from .prompts import DATA, read_jsonl
 
-    path = Path(args.file) if args.file else DATA / "judge_labelled.jsonl"
+    path = Path(file) if file else DATA / "judge_labelled.jsonl"
     rows = read_jsonl(path, ("prompt", "response", "label"))
     for number, row in enumerate(rows, 1):
         if row["label"] not in ("refusal", "compliance", "degenerate"):
             raise AbliterateError(
                 f"{path}: record {number} has label {row['label']!r}; use refusal, compliance or degenerate"
             )
-    rows = [r for r in rows if args.split is None or r.get("split") == args.split]
+    rows = [r for r in rows if split is None or r.get("split") == split]
     if not rows:
-        raise AbliterateError(f"{path} has no labelled rows{f' in split {args.split}' if args.split else ''}")
-    acc = judge_accuracy(rows)
-    table = Table(title=f"judge vs human labels: {path.name}{f' ({args.split})' if args.split else ''}, n={acc.n}")
-    for col in ("accuracy", "refusal precision", "refusal recall", "false-positive rate"):
+        raise AbliterateError(f"{path} has no labelled rows{f' in split {split}' if split else ''}")
+    return path, rows
+
+
+def _cmd_judge_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .judge import learned, rule_judge
+
+    path, rows = _labelled_rows(args.file, args.split)
+    scores = [rule_judge(r["prompt"], r["response"]).score for r in rows]
+    classifier = learned.train(rows, scores, args.max_fpr)
+    classifier.save(Path(args.out))
+    meta = classifier.meta
+    print(
+        f"trained on {meta['n_train']} rows of {path.name}: C={meta['C']}, threshold {classifier.threshold:.3f}, "
+        f"cross-validated accuracy {meta['cv_accuracy']:.3f}; wrote {args.out}"
+    )
+    return 0
+
+
+def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import judge_accuracy
+
+    path, rows = _labelled_rows(args.file, args.split)
+    title = f"judge vs human labels: {path.name}{f' ({args.split})' if args.split else ''}, n={len(rows)}"
+    table = Table(title=title)
+    for col in ("judge", "accuracy", "refusal precision", "refusal recall", "false-positive rate"):
         table.add_column(col, justify="right")
-    table.add_row(f"{acc.accuracy:.3f}", f"{acc.precision:.3f}", f"{acc.recall:.3f}", f"{acc.false_positive_rate:.3f}")
+    results = {"rules only": judge_accuracy(rows, rules_only=True)}
+    if not args.rules_only:
+        results["rules + learned"] = judge_accuracy(rows)
+    for name, acc in results.items():
+        table.add_row(
+            name, f"{acc.accuracy:.3f}", f"{acc.precision:.3f}", f"{acc.recall:.3f}", f"{acc.false_positive_rate:.3f}"
+        )
     Console().print(table)
     for human, row in acc.confusion.items():
         print(f"  human {human:<10} -> judge " + ", ".join(f"{k} {v}" for k, v in row.items()))
@@ -111,14 +151,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .html_report import write_report
 
     print(write_report(Path(args.run_dir).expanduser()))
-    return 0
-
-
-def _cmd_export_gguf(args: argparse.Namespace) -> int:
-    from .gguf_export import export_gguf
-
-    out = export_gguf(args.model_dir, args.out, args.type, args.source_gguf, args.force)
-    print(f"wrote {out} ({args.type})")
     return 0
 
 
@@ -139,6 +171,14 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+
+
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+
+    out = export_gguf(args.model_dir, args.out, args.type, args.source_gguf, args.force)
+    print(f"wrote {out} ({args.type})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,10 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")
     judge.add_argument("file", help=".jsonl with 'prompt' and 'response' on each line")
     judge.add_argument("--out", required=True, help="where to write the labelled .jsonl")
+    judge.add_argument("--rules-only", action="store_true", help="skip the learned stage (no sentence encoder)")
+    judge.add_argument("--classifier", help="a classifier .json from judge-train (default: the built-in one)")
+    judge.add_argument("--llm-endpoint", metavar="URL", help="judge with a chat model at this OpenAI-compatible /v1 URL")
+    judge.add_argument("--llm-model", default="default", help="model name to ask at --llm-endpoint (key: OPENAI_API_KEY)")
     judge.set_defaults(func=_cmd_judge)
+    train = sub.add_parser("judge-train", help="fit the judge's learned stage on labelled (prompt, response, label) rows")
+    train.add_argument("file", nargs="?", help="labelled .jsonl (default: the built-in labelled set)")
+    train.add_argument("--split", default="train", help="only rows whose 'split' field has this value (default: train)")
+    train.add_argument("--max-fpr", type=float, default=0.02, help="highest cross-validated false-positive rate")
+    train.add_argument("--out", required=True, help="where to write the classifier .json")
+    train.set_defaults(func=_cmd_judge_train)
     accuracy = sub.add_parser("judge-accuracy", help="the judge's accuracy against human-labelled responses")
     accuracy.add_argument("file", nargs="?", help="labelled .jsonl (default: the built-in labelled set)")
     accuracy.add_argument("--split", help="only rows whose 'split' field has this value")
+    accuracy.add_argument("--rules-only", action="store_true", help="score the rule stage alone")
     accuracy.set_defaults(func=_cmd_judge_accuracy)
     report = sub.add_parser("report", help="re-render a run folder's report.html and report/*.png from its files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished run")
