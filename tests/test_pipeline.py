@@ -123,3 +123,25 @@ def test_induce_strengthens_the_direction(tmp_path, tiny_checkpoint):
     assert record["settings"]["induce"] is True
     card = (out / "README.md").read_text()
     assert "refusal-induced" in card and "amplified in" in card
+
+
+def test_in_memory_apply_saves_in_the_checkpoints_own_dtype(tmp_path, tiny_checkpoint):
+    from conftest import save_tiny_checkpoint
+
+    bf16 = save_tiny_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
+    run = tmp_path / "run"
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(run), *FAST, "--no-eval", "--layer", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "applied"
+    r = run_cli(
+        "apply", str(bf16), "--edit", str(run / "abliteration.json"), "--out", str(out), "--in-memory",
+        "--dtype", "float32",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    # --dtype float32 asks for float32 compute and output; the default keeps the source's bfloat16.
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
+    out2 = tmp_path / "applied2"
+    r = run_cli("apply", str(bf16), "--edit", str(run / "abliteration.json"), "--out", str(out2), "--in-memory")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {t.dtype for t in load_file(str(out2 / "model.safetensors")).values()} == {torch.bfloat16}
+    assert json.loads((out2 / "config.json").read_text())["dtype"] == "bfloat16"

@@ -158,7 +158,7 @@ def load(
     load_in_4bit quantizes the linear layers with bitsandbytes (CUDA only): good enough to collect
     and select, but such a model cannot be edited or saved.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
     if load_in_4bit:
@@ -194,6 +194,8 @@ def load(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file, trust_remote_code=trust_remote_code)
+        # Read before loading: from_pretrained overwrites config.dtype with the compute dtype.
+        declared = None if file else _config_dtype(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
@@ -209,7 +211,7 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # the last prompt token sits at position -1 for every row
     tokenizer.truncation_side = "left"
-    source_dtype = torch.float32 if source.kind in ("builtin", "gguf") else _config_dtype(model, compute_dtype)
+    source_dtype = torch.float32 if source.kind in ("builtin", "gguf") else declared or compute_dtype
     return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype)
 
 
@@ -233,11 +235,12 @@ def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
         )
 
 
-def _config_dtype(model: nn.Module, fallback: torch.dtype) -> torch.dtype:
-    value = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+def _config_dtype(config) -> torch.dtype | None:
+    """The dtype a checkpoint's config declares, if any."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(value, torch.dtype):
         return value
-    return DTYPES.get(str(value).replace("torch.", ""), fallback)
+    return DTYPES.get(str(value).replace("torch.", ""))
 
 
 def _clear_gguf_quantization(model: nn.Module) -> None:
