@@ -277,8 +277,8 @@ def model_card(rec: dict) -> str:
         "",
         "- Refusal is judged by rules and will miss some soft refusals and flag some compliant answers; "
         "`evaluation.json` holds every answer so you can check.",
-        "- First-token KL measures the next-token distribution only; damage that shows later in long answers "
-        "is not in that number.",
+        "- KL is measured on harmless prompts over the first tokens of the original model's answers; damage "
+        "that shows later in long answers, or only on other kinds of input, is not in those numbers.",
         "- Removing refusal removes a safeguard. The model will answer requests it used to decline.",
         "",
     ]
