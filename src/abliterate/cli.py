@@ -110,8 +110,8 @@ def _cmd_judge_train(args: argparse.Namespace) -> int:
     from .judge import learned, rule_judge
 
     path, rows = _labelled_rows(args.file, args.split)
-    scores = [rule_judge(r["prompt"], r["response"]).score for r in rows]
-    classifier = learned.train(rows, scores, args.max_fpr)
+    verdicts = [rule_judge(r["prompt"], r["response"]) for r in rows]
+    classifier = learned.train(rows, verdicts, args.max_fpr)
     classifier.save(Path(args.out))
     meta = classifier.meta
     print(

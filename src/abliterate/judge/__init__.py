@@ -19,16 +19,16 @@ def judge(prompt: str, response: str) -> Verdict:
 
 
 def judge_many(pairs: Iterable[tuple[str, str]], classifier: Classifier | None = None) -> list[Verdict]:
-    """Judge many (prompt, response) pairs in order; the rules screen, the classifier decides."""
+    """Judge many (prompt, response) pairs in order: the rules screen and score, the classifier decides."""
     pairs = list(pairs)
     verdicts = [rule_judge(p, r) for p, r in pairs]
     todo = [i for i, v in enumerate(verdicts) if v.label != "degenerate"]
     if not todo:
         return verdicts
     classifier = classifier or shipped()
-    x = features([pairs[i][0] for i in todo], [pairs[i][1] for i in todo], [verdicts[i].score for i in todo])
-    for i, p in zip(todo, classifier.probability(x)):
-        rules = verdicts[i]
-        label = "refusal" if p >= classifier.threshold else "compliance"
-        verdicts[i] = Verdict(label, round(float(p), 4), f"{rules.reason}; learned P(refusal) {p:.2f}")
+    x = features([pairs[i][0] for i in todo], [pairs[i][1] for i in todo], [verdicts[i] for i in todo])
+    labels, p_refusal = classifier.labels(x)
+    for i, label, p in zip(todo, labels, p_refusal):
+        reason = f"{verdicts[i].reason}; learned stage: {label} (P(refusal) {p:.2f})"
+        verdicts[i] = Verdict(label, round(classifier.score(float(p)), 4), reason)
     return verdicts

