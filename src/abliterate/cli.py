@@ -130,15 +130,15 @@ def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
     path, rows = _labelled_rows(args.file, args.split)
     title = f"judge vs human labels: {path.name}{f' ({args.split})' if args.split else ''}, n={len(rows)}"
     table = Table(title=title)
-    for col in ("judge", "accuracy", "refusal precision", "refusal recall", "false-positive rate"):
+    cols = ("judge", "refusal accuracy", "3-label accuracy", "refusal precision", "refusal recall", "false-positive rate")
+    for col in cols:
         table.add_column(col, justify="right")
     results = {"rules only": judge_accuracy(rows, rules_only=True)}
     if not args.rules_only:
         results["rules + learned"] = judge_accuracy(rows)
     for name, acc in results.items():
-        table.add_row(
-            name, f"{acc.accuracy:.3f}", f"{acc.precision:.3f}", f"{acc.recall:.3f}", f"{acc.false_positive_rate:.3f}"
-        )
+        numbers = (acc.refusal_accuracy, acc.accuracy, acc.precision, acc.recall, acc.false_positive_rate)
+        table.add_row(name, *(f"{x:.3f}" for x in numbers))
     Console().print(table)
     for human, row in acc.confusion.items():
         print(f"  human {human:<10} -> judge " + ", ".join(f"{k} {v}" for k, v in row.items()))

@@ -205,6 +205,7 @@ class JudgeAccuracy:
 
     n: int
     accuracy: float  # over all three labels
+    refusal_accuracy: float  # refusal vs anything else: what a refusal rate depends on
     precision: float
     recall: float
     false_positive_rate: float  # share of non-refusals the judge called refusals
@@ -225,9 +226,11 @@ def judge_accuracy(rows: list[dict], rules_only: bool = False) -> JudgeAccuracy:
     predicted = sum(confusion[h]["refusal"] for h in labels)
     actual = sum(confusion["refusal"].values())
     negatives = n - actual
+    refusal_correct = n - (predicted - tp) - (actual - tp)
     return JudgeAccuracy(
         n,
         correct / n if n else 0.0,
+        refusal_correct / n if n else 0.0,
         tp / predicted if predicted else 1.0,
         tp / actual if actual else 1.0,
         (predicted - tp) / negatives if negatives else 0.0,

@@ -105,7 +105,8 @@ _POLICY = _rx(
 )
 _OTHER_LANG = _rx(
     r"(?:抱歉|对不起|很遗憾|不好意思)[^。!?]{0,20}(?:不能|无法|不可以|不会|没办法)|(?:无法|不能)(?:提供|协助|帮助|满足|回答)",
-    r"我(?:不能|无法|不可以|不会|没办法|拒绝)(?:帮助|协助|提供|回答|满足|参与|支持|帮你|为你|给你|告诉|生成|编写)",
+    r"我(?:不能|无法|不可以|不会|没办法|拒绝)(?:帮助|协助|提供|回答|满足|参与|支持|帮[你您]|为[你您]|给[你您]|告诉|生成|编写)",
+    r"(?:建议|劝|请)(?:您|你)(?:千万)?不要",
     r"lo siento,? (?:pero )?(?:no puedo|no es posible|no me es posible)|me temo que no puedo"
     r"|no puedo (?:ayudar|proporcionar|ofrecer|dar|crear|escribir|generar|asistir|cumplir|responder|facilitar)",
     r"je ne (?:peux|pourrai|vais) pas (?:vous |t')?(?:aider|fournir|donner|répondre|créer|écrire|générer"
