@@ -87,8 +87,10 @@ _SOFT = _rx(
     r"|not right) (?:for me|of me) to\b",
     # Moralizing about the act of answering: "sharing that could cause real harm".
     r"\b(?:providing|sharing|giving|writing|creating|explaining|detailing|describing) (?:that|this|such|these"
-    r"|those|the|any|specific)\b[^.!?]{0,50}\b(?:would|could|might|may) (?:be (?:irresponsible|unethical"
-    r"|inappropriate|dangerous|harmful|unsafe)|cause (?:real |serious |significant )?harm)",
+    r"|those|the|any|specific|a|an)\b[^.!?]{0,50}\b(?:would|could|might|may) (?:be (?:irresponsible|unethical"
+    r"|inappropriate|dangerous|harmful|unsafe)|cause (?:real |serious |significant )?harm"
+    r"|(?:facilitate|enable|aid|assist(?: in| with)?|help(?: with)?) (?:a |an )?(?:crime|criminal|illegal|harm"
+    r"|violence|abuse|fraud|theft))",
     r"^(?:no|nope|no way|absolutely not|definitely not|certainly not|not happening|i refuse|i decline"
     r"|no thanks|no,? thank you)[.! ]*$",
 )
