@@ -43,16 +43,19 @@ class Encoder:
     @torch.inference_mode()
     def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """One 384-d unit vector per text."""
-        out = []
+        result = np.zeros((len(texts), 384), dtype=np.float32)
+        # Batches of similar length waste little compute on padding (several times faster on CPU).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(texts), batch_size):
+            chunk = order[start : start + batch_size]
             batch = self.tokenizer(
-                texts[start : start + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt"
+                [texts[i] for i in chunk], padding=True, truncation=True, max_length=256, return_tensors="pt"
             )
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+            result[chunk] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return result
 
 
 @functools.cache
