@@ -123,6 +123,7 @@ def test_induce_strengthens_the_direction(tmp_path, tiny_checkpoint):
     assert record["settings"]["induce"] is True
     card = (out / "README.md").read_text()
     assert "refusal-induced" in card and "amplified in" in card
+    assert "refuse more of everything" in card and "removes a safeguard" not in card
 
 
 def test_in_memory_apply_saves_in_the_checkpoints_own_dtype(tmp_path, tiny_checkpoint):

@@ -275,11 +275,16 @@ def model_card(rec: dict) -> str:
         "",
         "## Limitations",
         "",
-        "- Refusal is judged by rules and will miss some soft refusals and flag some compliant answers; "
+        "- Refusal is judged by abliterate's judge (rules, then a small classifier over sentence embeddings; "
+        "about 0.94 accuracy for refusal against the rest on its held-out human labels). It misses some soft "
+        "refusals, mostly answers to a safer question than the one asked, and flags a few compliant answers; "
         "`evaluation.json` holds every answer so you can check.",
         "- KL is measured on harmless prompts over the first tokens of the original model's answers; damage "
         "that shows later in long answers, or only on other kinds of input, is not in those numbers.",
-        "- Removing refusal removes a safeguard. The model will answer requests it used to decline.",
+        "- Strengthening refusal makes the model refuse more of everything that sounds dangerous, benign "
+        "requests included; see the over-refusal row."
+        if induced
+        else "- Removing refusal removes a safeguard. The model will answer requests it used to decline.",
         "",
     ]
     return "\n".join(lines)
