@@ -93,4 +93,5 @@ def test_cli_export_adapter(tmp_path, tiny_checkpoint, capsys):
     os.umask(umask)
     assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not private
     code = main(["export-adapter", str(tmp_path / "nowhere"), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "b")])
-    assert code == 2 and "does not exist" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist; pass the --out folder of a finished run" in err and not (tmp_path / "b").exists()

@@ -184,6 +184,8 @@ def export_adapter(
     """Save a run's edit as a PEFT LoRA adapter for the original model `base`."""
     console = console or Console(stderr=True, soft_wrap=True)
     run = Path(run_dir).expanduser()
+    if not run.exists():
+        raise AbliterateError(f"{run} does not exist; pass the --out folder of a finished run (or its abliteration.json)")
     recorded = export.read_edit(run / "abliteration.json" if run.is_dir() else run)
     kind = recorded.record["edit"].get("kind", "orthogonalize")
     if kind not in PROJECTION_KINDS:
