@@ -181,6 +181,20 @@ def test_judge_command(tmp_path):
     bad.write_text('{"prompt": "x"}\n')
     assert_clean_failure(run_cli("judge", str(bad), "--out", str(tmp_path / "o2.jsonl")), "bad.jsonl:1")
     assert not (tmp_path / "o2.jsonl").exists()
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_clean_failure(run_cli("judge", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o3.jsonl")), "no records")
+    assert not (tmp_path / "o3.jsonl").exists()
+
+
+def test_unusable_device_is_refused_before_loading(tmp_path, tiny_checkpoint):
+    import torch
+
+    out = tmp_path / "o"
+    assert_clean_failure(run_cli("run", str(tiny_checkpoint), "--out", str(out), "--device", "tpu"), "unknown --device 'tpu'")
+    if not torch.cuda.is_available():
+        r = run_cli("run", str(tiny_checkpoint), "--out", str(out), "--device", "cuda:1")
+        assert_clean_failure(r, "--device cuda:1: no CUDA GPU is usable here")
+    assert not out.exists()
 
 
 def _overflowing_checkpoint(folder, scale):

@@ -84,6 +84,7 @@ def test_4bit_load_asks_transformers_for_bitsandbytes_nf4_on_the_device(tiny_che
         raise ValueError("stop here")
 
     monkeypatch.setattr(M, "check_4bit", lambda device: None)
+    monkeypatch.setattr(M, "pick_device", lambda device: device)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     with pytest.raises(AbliterateError, match="stop here"):
         M.load(str(tiny_checkpoint), device="cuda", load_in_4bit=True)

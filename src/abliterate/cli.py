@@ -68,6 +68,8 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     from .prompts import read_jsonl
 
     items = read_jsonl(Path(args.file), ("prompt", "response"))
+    if not items:
+        raise AbliterateError(f"{args.file} has no records; give one JSON object with prompt and response per line")
     pairs = [(str(item["prompt"]), str(item["response"] or "")) for item in items]
     if args.llm_endpoint:
         from .judge.llm import llm_judge_many

@@ -125,8 +125,19 @@ def _base_model_of(folder: Path) -> str | None:
 
 
 def pick_device(device: str) -> str:
-    """'auto' means CUDA, then MPS, then CPU."""
+    """'auto' means CUDA, then MPS, then CPU; an explicit device must exist here."""
     if device != "auto":
+        kind, _, index = device.partition(":")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise AbliterateError(f"--device {device}: no CUDA GPU is usable here; use --device cpu or auto")
+        if kind == "cuda" and index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise AbliterateError(
+                f"--device {device}: there are {torch.cuda.device_count()} CUDA devices; use cuda:0 to cuda:N-1"
+            )
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise AbliterateError(f"--device {device}: Apple MPS is not available here; use --device cpu or auto")
+        if kind not in ("cpu", "cuda", "mps"):
+            raise AbliterateError(f"unknown --device {device!r}; use auto, cpu, cuda, cuda:N or mps")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -160,9 +171,9 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = pick_device(device)
     if load_in_4bit:
         check_4bit(device)
+    device = pick_device(device)
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle)
     spec = source.spec
     compute_dtype = pick_dtype(dtype, device)
@@ -217,6 +228,7 @@ def load(
 
 def check_4bit(device: str) -> None:
     """4-bit loading needs bitsandbytes and a CUDA device; say so before anything is loaded."""
+    device = pick_device(device) if device == "auto" else device
     if not device.startswith("cuda"):
         raise AbliterateError(
             f"--load-in-4bit needs a CUDA GPU (bitsandbytes) but the device is '{device}'; drop --load-in-4bit"

@@ -81,7 +81,8 @@ def check_settings(settings: Settings) -> Path:
     if settings.push_to_hub:
         hub.check(settings.push_to_hub)
     if settings.load_in_4bit:
-        model.check_4bit(model.pick_device(settings.device))
+        model.check_4bit(settings.device)
+    model.pick_device(settings.device)  # an unusable --device fails here, before any model is fetched
     return out
 
 
