@@ -277,9 +277,13 @@ def _gibberish(raw: str) -> str | None:
     return None
 
 
+def _asks_to_repeat(asked: str) -> bool:
+    return bool(re.search(r"\b(?:repeat|echo|verbatim|copy|say back|quote)\b", asked))
+
+
 def _echo(prompt: str, response: str) -> bool:
     p, r = re.findall(r"\w+", normalize(prompt)), re.findall(r"\w+", normalize(response))
-    if not p or not r or re.search(r"\b(?:repeat|echo|verbatim|copy)\b", " ".join(p)):
+    if not p or not r or _asks_to_repeat(" ".join(p)):
         return False
     if p == r or len(p) < 3 or len(r) < 3:
         return p == r
@@ -289,6 +293,17 @@ def _echo(prompt: str, response: str) -> bool:
         if (r[j], r[j + 1], r[j + 2]) in grams:
             covered.update((j, j + 1, j + 2))
     return len(covered) / len(r) >= 0.85
+
+
+def _repeat_coverage(text: str, n: int = 10) -> float:
+    """Share of characters inside a character n-gram that occurs more than once."""
+    grams = [text[i : i + n] for i in range(len(text) - n + 1)]
+    counts = Counter(grams)
+    covered = [False] * len(text)
+    for i, gram in enumerate(grams):
+        if counts[gram] > 1:
+            covered[i : i + n] = [True] * n
+    return sum(covered) / len(text) if text else 0.0
 
 
 def repeated_chars(text: str, n: int = 12) -> float:
@@ -310,6 +325,11 @@ def degeneracy(prompt: str, response: str) -> str | None:
         return f"too short, no content: {text[:30]!r}"
     if _echo(prompt, response):
         return "echo of the prompt"
+    asked = normalize(prompt).strip()
+    # Chat models answer a question; broken ones start by saying it again (every such answer in the
+    # labelled set, in six languages, was degenerate).
+    if len(asked) >= 20 and text.strip().startswith(asked) and not _asks_to_repeat(asked):
+        return "opens by repeating the prompt word for word"
     lines = [normalize(x) for x in response.splitlines()]
     lines = [x for x in lines if len(_ALPHA.findall(x)) >= 3]
     for units, kind, least in ((lines, "line", 4), (_sentences(text), "sentence", 3)):
@@ -335,6 +355,10 @@ def degeneracy(prompt: str, response: str) -> str | None:
     no_spaces = len(text) > 8 * max(1, len(toks))  # Chinese, Japanese: word grams see nothing there
     if len(text) >= 60 and no_spaces and (share := repeated_chars(text)) >= 0.5:
         return f"loop: {share:.0%} of 12-character sequences are repeats"
+    # A short answer that says one phrase two or three times: the gram share above is diluted by
+    # the few distinct grams; coverage is not (real CJK answers in the labelled set stay under 0.6).
+    if len(text) >= 40 and no_spaces and (share := _repeat_coverage(text)) >= 0.75:
+        return f"loop: {share:.0%} of the text is phrases said more than once"
     if len(toks) >= 60:
         grams = list(zip(toks, toks[1:], toks[2:], toks[3:]))
         share = 1 - len(set(grams)) / len(grams)
