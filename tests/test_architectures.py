@@ -192,6 +192,37 @@ def test_hooks_equal_weight_edit(model_type, params):
     torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1.0, -0.5], ids=["remove", "induce"])
+@pytest.mark.parametrize("model_type", COVERED)
+def test_norm_preserving_edit_keeps_every_written_vectors_length(model_type, scale):
+    model, arch, ids, r = _setup(model_type, seed=4)
+    embedding = model.get_input_embeddings().weight
+    tensors = [(embedding, 1)] + [(t, axis) for _, _, t, axis, _ in _tabled_tensors(model, arch)]
+    lengths = [t.norm(dim=axis) for t, axis in tensors]
+    originals = [t.clone() for t, _ in tensors]
+    directions = [r] + [writer_directions(model, arch, r)[i][j] for i, j, *_ in _tabled_tensors(model, arch)]
+
+    orthogonalize(model, arch, r, EditParams(scale=scale, norm_preserving=True))
+
+    tensors = [(model.get_input_embeddings().weight, 1)] + [(t, axis) for _, _, t, axis, _ in _tabled_tensors(model, arch)]
+    for (tensor, axis), length, original, u in zip(tensors, lengths, originals, directions, strict=True):
+        torch.testing.assert_close(tensor.norm(dim=axis), length, rtol=1e-12, atol=1e-14)  # lengths kept
+        along_before = torch.tensordot(original, u.to(tensor.dtype), dims=([axis], [0])) / length.clamp_min(1e-30)
+        along_after = torch.tensordot(tensor, u.to(tensor.dtype), dims=([axis], [0])) / length.clamp_min(1e-30)
+        assert (along_before.abs() > 1e-3).any()  # there was a component to change
+        if scale == 1.0:
+            assert along_after.abs().max() < 1e-10  # removed from every vector, as in the plain edit
+        else:  # a larger share of each vector's length now lies along the direction
+            grew = along_after.abs() - along_before.abs()
+            assert (grew[along_before.abs() > 1e-6] > 0).all()
+    if scale == 1.0:  # so the residual stream has no component along r anywhere, as the plain edit promises
+        for h in residual_streams(model, arch, ids):
+            assert ((h @ r).abs() / h.norm(dim=-1)).max() < 1e-5
+    with pytest.raises(ValueError, match="no hook form"):
+        with ablation(model, arch, r, EditParams(norm_preserving=True)):
+            pass
+
+
 @pytest.mark.parametrize("model_type", MOE)
 def test_fused_experts_edit_holds_under_the_default_kernel(model_type):
     """Real loads use the grouped_mm experts kernel (float32 here; float64 has none): it reads the same tensors."""

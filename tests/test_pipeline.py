@@ -114,6 +114,32 @@ def test_apply_reproduces_a_run_bit_for_bit(tmp_path, tiny_checkpoint):
     assert r.returncode == 2 and "not a usable abliteration record" in r.stderr and not (tmp_path / "x").exists()
 
 
+def test_norm_preserving_run_saves_lengths_and_reapplies(tmp_path, tiny_checkpoint):
+    out = tmp_path / "run"
+    r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST, "--no-eval", "--layer", "1", "--norm-preserving")
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((out / "abliteration.json").read_text())
+    assert record["edit"]["norm_preserving"] is True and record["settings"]["norm_preserving"] is True
+    card = (out / "README.md").read_text()
+    assert "norm-preserving: every vector" in card and "--layer 1 --seed 0 --norm-preserving" in card
+    saved, source = load_file(str(out / "model.safetensors")), load_file(str(tiny_checkpoint / "model.safetensors"))
+    direction = load_file(str(out / "directions.safetensors"))["direction"].double()
+    for name in record["edit"]["edited_tensors"]:
+        axis = 1 if "embed" in name else 0  # llama: embedding rows, Linear columns
+        new, old = saved[name].double(), source[name].double()
+        torch.testing.assert_close(new.norm(dim=axis), old.norm(dim=axis), rtol=1e-6, atol=1e-7)  # float32 storage
+        if record["edit"]["scale"] == 1.0 and "layernorm" not in name:
+            u = direction / direction.norm()
+            assert torch.tensordot(new, u, dims=([axis], [0])).abs().max() < 1e-4
+    assert not torch.equal(saved[record["edit"]["edited_tensors"][-1]], source[record["edit"]["edited_tensors"][-1]])
+    # apply (streamed, shard by shard) re-applies it bit for bit; an adapter cannot express it.
+    r = run_cli("apply", str(tiny_checkpoint), "--edit", str(out / "abliteration.json"), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    r = run_cli("export-adapter", str(out), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "lora"))
+    assert r.returncode == 2 and "norm-preserving" in r.stderr and not (tmp_path / "lora").exists()
+
+
 def test_induce_strengthens_the_direction(tmp_path, tiny_checkpoint):
     out = tmp_path / "induced"
     r = run_cli("run", str(tiny_checkpoint), "--out", str(out), *FAST, "--no-eval", "--induce", "--max-kl", "100")
@@ -124,6 +150,7 @@ def test_induce_strengthens_the_direction(tmp_path, tiny_checkpoint):
     card = (out / "README.md").read_text()
     assert "refusal-induced" in card and "amplified in" in card
     assert "refuse more of everything" in card and "removes a safeguard" not in card
+    assert " --induce" in card and "--norm-preserving" not in card
 
 
 def test_in_memory_apply_saves_in_the_checkpoints_own_dtype(tmp_path, tiny_checkpoint):

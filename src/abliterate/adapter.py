@@ -188,6 +188,11 @@ def export_adapter(
         raise AbliterateError(f"{run} does not exist; pass the --out folder of a finished run (or its abliteration.json)")
     recorded = export.read_edit(run / "abliteration.json" if run.is_dir() else run)
     kind = recorded.record["edit"].get("kind", "orthogonalize")
+    if recorded.params.norm_preserving:
+        raise AbliterateError(
+            "the run's edit is norm-preserving: rescaling every weight column makes it full-rank, so no small LoRA "
+            "adapter reproduces it; save the edited model with `abliterate apply` instead"
+        )
     if kind not in PROJECTION_KINDS:
         raise AbliterateError(
             f"the run's edit is '{kind}', which is not a rank-1 projection, so no exact LoRA adapter exists; "

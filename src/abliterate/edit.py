@@ -89,11 +89,14 @@ class EditParams:
 
     scale 1 removes the component fully; 0 < scale < 1 removes part of it; scale < 0 strengthens
     it (refusal induction). Writers in layers before start_layer are left alone, and the
-    embeddings are edited only when start_layer is 0.
+    embeddings are edited only when start_layer is 0. norm_preserving rescales every vector a
+    writer adds to the residual stream (a weight column, an embedding row, a bias) back to its
+    original length after the edit; that exists only as a weight edit, not as hooks.
     """
 
     scale: float = 1.0
     start_layer: int = 0
+    norm_preserving: bool = False
 
 
 @contextlib.contextmanager
@@ -105,6 +108,8 @@ def ablation(
     Edits the embeddings' output, the input of every layer and every writer's output, so the
     result equals the weight edit exactly; the model is unchanged on exit.
     """
+    if params.norm_preserving:
+        raise ValueError("a norm-preserving edit rescales weights per input; it has no hook form: use orthogonalize")
     r = unit(direction)
     scale, start = params.scale, params.start_layer
     pre, post = [], []
@@ -169,8 +174,14 @@ def _resolve_weights(root: nn.Module, spec: str | Param) -> list[tuple[torch.Ten
 
 
 @torch.no_grad()
-def remove_component_(tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: float = 1.0, chunk: int = 8192) -> None:
-    """In place: t <- t - scale * u (u . t) along `axis`, computed in float64 in chunks."""
+def remove_component_(
+    tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: float = 1.0, preserve_norm: bool = False, chunk: int = 8192
+) -> None:
+    """In place: t <- t - scale * u (u . t) along `axis`, computed in float64 in chunks.
+
+    With preserve_norm every vector along `axis` is then rescaled to its length before the edit
+    (a vector that lay wholly along u stays zero).
+    """
     u = u.to(tensor.device)
     shape = [1] * tensor.ndim
     shape[axis] = -1
@@ -185,8 +196,13 @@ def remove_component_(tensor: torch.Tensor, axis: int, u: torch.Tensor, scale: f
         ]
     for part in parts:
         exact = part.double()
+        length = exact.norm(dim=axis, keepdim=True) if preserve_norm else None
         coeff = torch.tensordot(exact, u, dims=([axis], [0])).unsqueeze(axis)
-        part.copy_(exact.sub_(scale * coeff * u_shaped))  # in place: one float64 chunk fewer, same bits
+        exact.sub_(scale * coeff * u_shaped)  # in place: one float64 chunk fewer, same bits
+        if length is not None:
+            now = exact.norm(dim=axis, keepdim=True)
+            exact.mul_(torch.where(now > 0, length / now.clamp_min(1e-300), torch.ones_like(now)))
+        part.copy_(exact)
 
 
 @dataclass(frozen=True)
@@ -238,5 +254,5 @@ def orthogonalize(
     untie_embeddings(model)
     targets = edit_targets(model, arch, direction, params)
     for target in targets:
-        remove_component_(target.tensor, target.axis, target.direction, params.scale)
+        remove_component_(target.tensor, target.axis, target.direction, params.scale, params.norm_preserving)
     return [target.name for target in targets]

@@ -151,6 +151,7 @@ def record(
             "direction_key": "direction",
             "scale": chosen.scale,
             "start_layer": chosen.start_layer,
+            "norm_preserving": settings.norm_preserving,
             "edited_tensors": edited,
             "tie_word_embeddings": bool(getattr(lm.model.config, "tie_word_embeddings", False)),
         },
@@ -184,7 +185,9 @@ def read_edit(edit_file: str | Path) -> RecordedEdit:
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
         edit = rec["edit"]
-        params = EditParams(float(edit["scale"]), int(edit.get("start_layer", 0)))
+        params = EditParams(
+            float(edit["scale"]), int(edit.get("start_layer", 0)), bool(edit.get("norm_preserving", False))
+        )
         directions_file = path.parent / edit["direction_file"]
         direction = load_file(str(directions_file))[edit["direction_key"]]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as exc:
@@ -216,6 +219,7 @@ def model_card(rec: dict) -> str:
     model = rec["model"]
     sel = rec["selection"]
     induced = rec["edit"]["kind"] == "induce"
+    norm_preserving = bool(rec["edit"].get("norm_preserving", False))
     front = ["---"]
     if model["base_model"]:
         front += [f"base_model: {model['base_model']}", "base_model_relation: finetune"]
@@ -259,7 +263,9 @@ def model_card(rec: dict) -> str:
         "## Parameters",
         "",
         f"- direction from layer {sel['layer']}, position {sel['position']}; {sel['reason']}",
-        f"- edit: scale {rec['edit']['scale']} (1 = full projection), writers from layer {rec['edit']['start_layer']} on",
+        f"- edit: scale {rec['edit']['scale']} (1 = full projection), writers from layer {rec['edit']['start_layer']} on"
+        + ("; norm-preserving: every vector a writer adds to the residual stream keeps its original length"
+           if norm_preserving else ""),
         f"- refusal openings learned from the model: {rec['refusal_tokens']['tokens']}",
         f"- prompts: train {rec['settings']['n_train']}, validation {rec['settings']['n_val']}, "
         f"test {rec['settings']['n_test']} of each kind; seed {rec['seed']}",
@@ -267,7 +273,8 @@ def model_card(rec: dict) -> str:
         "## Reproduce",
         "",
         "```",
-        f"abliterate run {model['spec']} --out OUT --layer {sel['layer']} --seed {rec['seed']}",
+        f"abliterate run {model['spec']} --out OUT --layer {sel['layer']} --seed {rec['seed']}"
+        + (" --induce" if induced else "") + (" --norm-preserving" if norm_preserving else ""),
         "```",
         "",
         "`abliteration.json` holds every setting, prompt-set hashes and package versions; "

@@ -6,7 +6,7 @@ import gc
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -158,7 +158,8 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     before: dict = {}
     if not settings.no_eval:
         before = _measure(console, lm, splits, texts, settings, "before", None)
-    edited = orthogonalize(net, arch, direction, chosen.params)
+    params = replace(chosen.params, norm_preserving=settings.norm_preserving)
+    edited = orthogonalize(net, arch, direction, params)
     after: dict = {}
     metrics: dict = {}
     if not settings.no_eval:

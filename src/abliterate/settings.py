@@ -40,6 +40,9 @@ class Settings:
     skip_last_layers: float = _opt(0.2, "share of the last layers never chosen")
     positions: int = _opt(1, "candidates at the last N prompt positions")
     induce: bool = _opt(False, "strengthen the refusal direction instead of removing it")
+    norm_preserving: bool = _opt(
+        False, "after the edit, rescale every vector a writer adds to the residual stream to its original length"
+    )
     project_harmless_mean: bool = _opt(False, "remove each direction's component along the harmless mean")
     dtype: str = _opt("auto", "compute and save dtype: auto, float32, bfloat16, float16, float64")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")

@@ -43,7 +43,7 @@ class StreamPlan:
     folder: Path
     shards: dict[str, list[str]]  # shard file -> the tensor names it holds
     targets: dict[str, tuple[int, torch.Tensor]]  # tensor name -> (residual axis, unit direction)
-    scale: float
+    params: EditParams
     head_copy: tuple[str, str] | None  # (output head name, embedding name) when the edit unties them
     compute_dtype: torch.dtype
     save_dtype: torch.dtype | None  # None: every tensor keeps its own dtype
@@ -64,7 +64,7 @@ class StreamPlan:
                 if key in self.targets:
                     axis, u = self.targets[key]
                     work = tensor.to(self.device, self.compute_dtype)  # the loaded tensor is ours to edit in place
-                    remove_component_(work, axis, u, self.scale)
+                    remove_component_(work, axis, u, self.params.scale, self.params.norm_preserving)
                     edited[key] = work.to("cpu", self.save_dtype or tensor.dtype)
                 else:
                     edited[key] = self._cast(tensor)
@@ -188,4 +188,4 @@ def prepare(
     if missing:
         raise NotStreamable(f"it lacks {missing[0]}, which the edit changes")
     save_dtype = None if dtype == "auto" else DTYPES[dtype]
-    return StreamPlan(folder, shards, targets, params.scale, head_copy, compute_dtype, save_dtype, device, config)
+    return StreamPlan(folder, shards, targets, params, head_copy, compute_dtype, save_dtype, device, config)
