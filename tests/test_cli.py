@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -184,6 +185,22 @@ def test_judge_command(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     assert_clean_failure(run_cli("judge", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o3.jsonl")), "no records")
     assert not (tmp_path / "o3.jsonl").exists()
+
+
+def test_model_code_runs_only_with_the_flag(tmp_path):
+    from conftest import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="customthing", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    (folder / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    r = run_cli("run", str(folder), "--out", str(tmp_path / "o"))
+    errors = [line for line in r.stderr.splitlines() if "error" in line]  # after the "loading" progress line
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1
+    assert "ships its own model code" in errors[0] and "pass --trust-remote-code to run it" in errors[0]
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 def test_unusable_device_is_refused_before_loading(tmp_path, tiny_checkpoint):

@@ -212,6 +212,11 @@ def load(
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "custom code" in first and not trust_remote_code:
+            raise AbliterateError(
+                f"{spec} ships its own model code (auto_map in config.json), which abliterate does not run by "
+                "default; read that code, then pass --trust-remote-code to run it"
+            ) from None
         raise AbliterateError(f"could not load model '{spec}': {first}") from None
     if "device_map" not in kwargs:
         model.to(device)
