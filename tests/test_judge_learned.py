@@ -60,7 +60,7 @@ def test_retraining_reproduces_the_shipped_classifier():
 
 
 def test_held_out_accuracy_and_false_positive_rate():
-    # Measured: refusal-vs-rest accuracy 0.941, FPR 0.014, 3-label accuracy 0.907 (rules alone
+    # Measured: refusal-vs-rest accuracy 0.941, FPR 0.014, 3-label accuracy 0.910 (rules alone
     # 0.941 / 0.000 / 0.903). The goal (0.93, FPR <= 0.03) holds for refusal vs rest, the
     # distinction every refusal rate rests on; telling degenerate from compliant answers is harder.
     acc = judge_accuracy(TEST)
