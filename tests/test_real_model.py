@@ -24,7 +24,7 @@ def test_smollm2_run_end_to_end(tmp_path):
     assert record["model"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     card = (out / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
-    assert "## Limitations" in card and "removes a safeguard" in card
+    assert "## Limitations" in card and "removes a safeguard" in card and "abliterate judge-accuracy" in card
     # SmolLM2 ties its head to the embedding; the edit must save them untied.
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()

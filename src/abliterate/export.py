@@ -283,7 +283,7 @@ def model_card(rec: dict) -> str:
         "## Limitations",
         "",
         "- Refusal is judged by abliterate's judge (rules, then a small classifier over sentence embeddings; "
-        "about 0.94 accuracy for refusal against the rest on its held-out human labels). It misses some soft "
+        "`abliterate judge-accuracy --split test` measures it against held-out human labels). It misses some soft "
         "refusals, mostly answers to a safer question than the one asked, and flags a few compliant answers; "
         "`evaluation.json` holds every answer so you can check.",
         "- KL is measured on harmless prompts over the first tokens of the original model's answers; damage "
