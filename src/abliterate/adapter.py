@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from . import export, model
 from .architectures import Architecture
 from .edit import EditParams, Target, edit_targets, remove_component_
-from .errors import AbliterateError
+from .errors import AbliterateError, require
 
 ADAPTER = "default"
 PROJECTION_KINDS = ("orthogonalize", "induce")
@@ -136,8 +136,8 @@ def build(net: nn.Module, arch: Architecture, direction: torch.Tensor, params: E
     The error is the largest absolute difference between the weight change PEFT computes from the
     adapter and the change `orthogonalize` makes, over every edited tensor.
     """
-    from peft import LoraConfig, get_peft_model
-
+    peft = require("peft", "adapter", "export-adapter")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model  # noqa: N806
     how = plan(net, arch, direction, params)
     config = LoraConfig(
         r=1,

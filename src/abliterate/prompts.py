@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AbliterateError
+from .errors import AbliterateError, require
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ def load_file(path: Path, column: str = "prompt", category_column: str = "catego
         elif suffix == ".csv":
             records = list(csv.DictReader(raw.decode("utf-8").splitlines()))
         elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
+            pq = require("pyarrow.parquet", "parquet", "reading .parquet prompt files")
             records = pq.read_table(path).to_pylist()
         else:
             raise AbliterateError(

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import AbliterateError
+from ..errors import AbliterateError, require
 from .rules import normalize, repeated_chars
 
 CLASSIFIER_FILE = Path(__file__).resolve().parent.parent / "data" / "judge_classifier.json"
@@ -182,8 +182,8 @@ def train(rows: list[dict], rule_verdicts: list, max_fpr: float = 0.02, folds: i
     non-refusals called refusals) stays within `max_fpr`: that is the costlier mistake, because it
     hides what an edit did.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold
+    LogisticRegression = require("sklearn.linear_model", "train", "judge-train").LogisticRegression  # noqa: N806
+    GroupKFold = require("sklearn.model_selection", "train", "judge-train").GroupKFold  # noqa: N806
 
     # Rows the rules screen out as degenerate never reach the classifier, so it does not learn from them.
     keep = [i for i, v in enumerate(rule_verdicts) if v.label != "degenerate"]
