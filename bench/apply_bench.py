@@ -24,9 +24,7 @@ def make_model(folder: Path, n_layers: int) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sys.path.insert(0, str(HERE.parents[1] / "tests"))
-    from conftest import tiny_tokenizer
-    from test_stream import recorded_edit
+    from abliterate.tiny import recorded_edit, tiny_tokenizer
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(

@@ -19,10 +19,8 @@ HERE = Path(__file__).resolve()
 def setup():
     import torch
 
-    sys.path.insert(0, str(HERE.parents[1] / "tests"))
-    from conftest import tiny_model, tiny_tokenizer
-
     from abliterate.architectures import architecture_for
+    from abliterate.tiny import tiny_model, tiny_tokenizer
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
