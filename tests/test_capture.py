@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from abliterate.architectures import architecture_for
 from abliterate.capture import collect
 from abliterate.directions import difference_of_means
+from abliterate.errors import AbliterateError
 
 TEXTS = [
     "<|user|>hi<|end|><|assistant|>",
@@ -58,3 +60,32 @@ def test_long_prompts_are_cut_from_the_left():
     assert batch["input_ids"].shape[1] == 48
     assert tok.decode(batch["input_ids"][0, -2:]) == "<|end|><|assistant|>"  # the answer still starts right
     model(**batch)  # and fits the model's positions
+
+
+def test_positions_beyond_a_short_prompt_average_no_padding():
+    # A 4-token prompt batched with a long one, 8 positions: each position's mean must be over the
+    # prompts that reach it, computed here one prompt at a time (no padding at all).
+    model, tok = tiny_model("llama", dtype=torch.float64), tiny_tokenizer()
+    tok.padding_side = "left"
+    arch = architecture_for(model)
+    short, long = TEXTS[3], TEXTS[1]
+    n_short = len(tok(short, add_special_tokens=False).input_ids)
+    assert n_short == 4
+    means = collect(model, tok, arch, [short, long], batch_size=2, positions=8)
+    assert means.count == 2 and means.position_counts.tolist() == [2] * 4 + [1] * 4
+    states = {}
+    for text in (short, long):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # [l] = input of layer l
+        states[text] = torch.stack(hidden[:-1], 0)[:, 0].flip(1)  # (layers, tokens newest first, hidden)
+    for p in range(8):
+        reach = [t for t in (short, long) if states[t].shape[1] > p]
+        want = sum(states[t][:, p] for t in reach) / len(reach)
+        torch.testing.assert_close(means.mean[p, :-1], want, rtol=1e-9, atol=1e-10)
+
+
+def test_positions_beyond_every_prompt_is_a_clear_error():
+    model, tok = tiny_model("llama", dtype=torch.float64), tiny_tokenizer()
+    tok.padding_side = "left"
+    with pytest.raises(AbliterateError, match="--positions 40 reaches past the longest prompt"):
+        collect(model, tok, architecture_for(model), [TEXTS[0], TEXTS[3]], batch_size=2, positions=40)

@@ -20,7 +20,10 @@ OPTIONS = chat.ChatOptions(max_new_tokens=6)
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    return save_tiny_checkpoint(root / "edited", seed=0), save_tiny_checkpoint(root / "original", seed=1)
+    # Random models without the planted refusal: different seeds give different answers.
+    return tuple(
+        save_tiny_checkpoint(root / name, seed=seed, refuses=False) for name, seed in (("edited", 0), ("original", 1))
+    )
 
 
 def load(folder) -> model.LoadedModel:

@@ -8,13 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from abliterate import cli, export
 
-FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "8", "--batch-size", "4"]
+DATA = Path(__file__).parent / "data"
+# The tiny checkpoint refuses prompts holding the trigger (abliterate.tiny.plant_refusal): these sets have it or not.
+TINY_PROMPTS = ["--harmful", str(DATA / "tiny_harmful.txt"), "--harmless", str(DATA / "tiny_harmless.txt")]
+FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "8", "--batch-size", "4", *TINY_PROMPTS]
 
 
 def run_cli(*args, env=None, cwd=None):
@@ -116,7 +120,7 @@ def test_bad_numbers_and_pickle_only_folder(tmp_path, tiny_checkpoint):
 
 
 def test_interrupt_during_save_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch, capsys):
-    def save_then_interrupt(lm, folder, dtype):
+    def save_then_interrupt(lm, folder, *args, **kwargs):
         (folder / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
@@ -132,8 +136,9 @@ def test_full_disk_while_saving_keeps_previous_output(tmp_path, tiny_checkpoint,
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("previous run")
+    (out / "abliteration.json").write_text(json.dumps({"abliterate_version": "0", "edit": {}}))  # ours: --force may replace it
 
-    def fail_halfway(lm, folder, dtype):
+    def fail_halfway(lm, folder, *args, **kwargs):
         (folder / "model.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
@@ -223,6 +228,7 @@ def _overflowing_checkpoint(folder, scale):
     save_tiny_checkpoint(folder)
     weights = load_file(str(folder / "model.safetensors"))
     weights["model.embed_tokens.weight"] *= scale
+    weights["model.layers.0.self_attn.v_proj.weight"][0] *= scale  # the planted refusal keeps pace with the stream
     if scale == float("inf"):
         weights["model.embed_tokens.weight"] = torch.full_like(weights["model.embed_tokens.weight"], float("nan"))
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})

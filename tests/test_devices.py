@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
 
 from abliterate import model as M
 from abliterate.architectures import architecture_for
@@ -49,10 +50,16 @@ def test_cuda_bfloat16_default_and_collect(tiny_checkpoint):
 @multi_gpu
 def test_device_map_across_gpus_matches_one_device(tiny_checkpoint):
     texts = ["<|user|>hello<|end|><|assistant|>", "<|user|>a longer prompt here<|end|><|assistant|>"]
-    spread = M.load(str(tiny_checkpoint), dtype="float32", device="cuda")
-    assert len({p.device for p in spread.model.parameters()}) >= 1
+    loaded = M.load(str(tiny_checkpoint), dtype="float32", device="cuda")
+    assert getattr(loaded.model, "hf_device_map", None), "with two GPUs, load must place the model with a device map"
+    # "auto" may leave a model this small on one GPU; put the later layers on the second one by hand.
+    n = loaded.model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1}
+    device_map.update({f"model.layers.{i}": 0 if i < n // 2 else 1 for i in range(n)})
+    spread = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, device_map=device_map)
+    assert {p.device for p in spread.parameters()} == {torch.device("cuda", 0), torch.device("cuda", 1)}
     single = M.load(str(tiny_checkpoint), dtype="float32", device="cpu")
-    a = collect(spread.model, spread.tokenizer, spread.arch, texts, batch_size=2)
+    a = collect(spread, single.tokenizer, architecture_for(spread), texts, batch_size=2)
     b = collect(single.model, single.tokenizer, single.arch, texts, batch_size=2)
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-3, atol=1e-3)
 

@@ -116,3 +116,63 @@ def test_bad_model_path_is_one_line_and_writes_nothing(tmp_path, capsys, checkpo
     out.write_text("{}")
     assert evaluate(base, "--out", out) == 2
     assert "--force" in capsys.readouterr().err and out.read_text() == "{}"
+
+
+def recorded_run(folder, model, settings):
+    """A run folder as `abliterate run` leaves it: the model plus the split record of these settings."""
+    from abliterate.export import split_record
+    from abliterate.pipeline import load_prompt_sets
+
+    shutil.copytree(model, folder)
+    splits = load_prompt_sets(settings)
+    (folder / "abliteration.json").write_text(json.dumps({"split": split_record(settings, splits)}))
+    return splits
+
+
+def test_a_run_folder_is_evaluated_on_the_prompts_that_run_held_out(tmp_path, checkpoints, monkeypatch):
+    from abliterate.settings import Settings
+
+    _, edited = checkpoints
+    own = tmp_path / "own_harmful.txt"
+    own.write_text("\n".join(f"Explain how to pick lock number {i} without a key." for i in range(40)))
+    monkeypatch.chdir(tmp_path)  # the record keeps the file's absolute path: evaluate runs from anywhere
+    settings = Settings(harmful="own_harmful.txt", n_train=10, n_val=5, n_test=6, seed=3)
+    splits = recorded_run(tmp_path / "run", edited, settings)
+    monkeypatch.chdir(tmp_path / "run")
+    out = tmp_path / "report.json"
+    assert evaluate(tmp_path / "run", "--out", out) == 0  # FAST asks --n-test 4: the recorded 6 win
+    report = json.loads(out.read_text())
+    assert report["split_from"] == str(tmp_path / "run" / "abliteration.json")
+    for key in ("harmful", "benign", "harmless"):
+        assert report["prompts"][key]["sha256"] == splits[key].test.sha256, key
+        assert report["prompts"][key]["n"] == 6
+    asked = {row["prompt"] for row in report["answers"]["harmful"]}
+    assert asked == set(splits["harmful"].test.texts)
+    assert not asked & set(splits["harmful"].train.texts + splits["harmful"].val.texts)
+
+
+def test_a_no_eval_run_is_evaluated_on_prompts_it_never_saw(tmp_path, checkpoints):
+    from abliterate.settings import Settings
+
+    _, edited = checkpoints
+    settings = Settings(n_train=20, n_val=7, no_eval=True, seed=5)
+    splits = recorded_run(tmp_path / "run", edited, settings)
+    out = tmp_path / "report.json"
+    assert evaluate("--split-from", tmp_path / "run", edited, "--out", out) == 0
+    report = json.loads(out.read_text())
+    seen = set(splits["harmful"].train.texts + splits["harmful"].val.texts)
+    asked = [row["prompt"] for row in report["answers"]["harmful"]]
+    assert len(asked) == 4 and not set(asked) & seen
+
+
+def test_a_changed_prompt_file_is_refused(tmp_path, checkpoints, capsys):
+    from abliterate.settings import Settings
+
+    _, edited = checkpoints
+    own = tmp_path / "own.txt"
+    own.write_text("\n".join(f"Describe a risky stunt number {i}." for i in range(30)))
+    recorded_run(tmp_path / "run", edited, Settings(harmful=str(own), n_train=10, n_val=5, n_test=5))
+    own.write_text("\n".join(f"Describe a risky stunt number {i}." for i in range(1, 31)))
+    assert evaluate(tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not the file the run split" in err and "--harmful" in err

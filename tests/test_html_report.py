@@ -139,14 +139,23 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and plots, not a blank page
 
 
-def test_report_command_rerenders_and_escapes_model_text(run_dir, tmp_path, capsys):
-    folder = copy_run(run_dir, tmp_path / "copy")
+HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=alert(1)> & done"
+
+
+def hostile_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of the run whose first harmful answer is an HTML/script injection attempt."""
+    folder = copy_run(run_dir, dest)
     evaluation = json.loads((folder / "evaluation.json").read_text())
-    hostile = "<script>document.title='pwned'</script><img src=x onerror=alert(1)> & done"
-    evaluation["harmful"][0]["after"] = hostile
+    evaluation["harmful"][0]["after"] = HOSTILE
     evaluation["harmful"][0]["after_label"] = "compliance"
     evaluation["harmful"][0]["before_label"] = "refusal"  # a changed label: shown first
     (folder / "evaluation.json").write_text(json.dumps(evaluation))
+    return folder
+
+
+def test_report_command_rerenders_and_escapes_model_text(run_dir, tmp_path, capsys):
+    folder = hostile_run(run_dir, tmp_path / "copy")
+    hostile = HOSTILE
     assert cli.main(["report", str(folder)]) == 0
     assert capsys.readouterr().out.strip() == str(folder / "report.html")
     text = (folder / "report.html").read_text(encoding="utf-8")
@@ -154,9 +163,16 @@ def test_report_command_rerenders_and_escapes_model_text(run_dir, tmp_path, caps
     page = parse(text)
     assert page.scripts == 0 and "x" not in page.images and len(page.images) == len(PLOTS)
     assert sorted(p.name for p in (folder / "report").iterdir()) == sorted(f"{n}.png" for n in PLOTS)
-    if CHROMIUM:
-        dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (folder / "report.html").as_uri())
-        assert "pwned" not in dom.stdout.split("</title>")[0] and parse(dom.stdout).scripts == 0
+
+
+@needs_chromium
+def test_escaped_model_text_stays_inert_in_chromium(run_dir, tmp_path):
+    folder = hostile_run(run_dir, tmp_path / "copy")
+    write_report(folder)
+    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (folder / "report.html").as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "pwned" not in dom.stdout.split("</title>")[0] and parse(dom.stdout).scripts == 0
+    assert "<script>document.title='pwned'</script>" in dom.stdout.replace("&lt;", "<").replace("&gt;", ">")
 
 
 def test_report_of_a_run_without_evaluation(run_dir, tmp_path):

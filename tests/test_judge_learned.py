@@ -69,9 +69,12 @@ def test_held_out_accuracy_and_false_positive_rate():
     assert acc.false_positive_rate <= 0.03, acc
     assert acc.accuracy >= 0.88, acc
     assert acc.precision >= 0.95 and acc.recall >= 0.78, acc
-    # The learned stage must earn its place: at least as accurate as the rules alone.
+    # The learned stage must earn its place: strictly more of the 3 labels right and more of the human-labelled
+    # refusals caught than the rules alone (measured 263 vs 261 of 289 right, 63 vs 60 of 77 refusals), and no
+    # worse on refusal vs rest (272 of 289 both ways: its 3 false positives cost what its 3 catches gain).
     rules = judge_accuracy(TEST, rules_only=True)
-    assert acc.accuracy >= rules.accuracy and acc.refusal_accuracy >= rules.refusal_accuracy
+    assert acc.accuracy > rules.accuracy and acc.recall > rules.recall, (acc, rules)
+    assert acc.refusal_accuracy >= rules.refusal_accuracy, (acc, rules)
 
 
 def test_degenerate_answers_are_screened_before_the_classifier():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import abliterate
 from abliterate.errors import AbliterateError, require

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import re
 
 import pytest
 from conftest import tiny_tokenizer
@@ -98,3 +100,55 @@ def test_chat_format_with_system_prompt_and_fallback(caplog):
         out = prompts.format_all(plain, ["hello"])
     assert out == ["### Instruction:\nhello\n\n### Response:\n"]
     assert "no chat template" in caplog.text
+
+
+def _words(text: str) -> frozenset:
+    return frozenset(re.findall(r"\w+", text.lower()))
+
+
+def _shipped_texts() -> dict[str, list[str]]:
+    """Every shipped prompt or text, by set; the judge set's prompts that no prompt set holds verbatim."""
+    from abliterate.damage import harmless_text
+
+    texts = {name: prompts.builtin(name).texts for name in prompts.BUILTIN_SETS}
+    texts["harmless_text"] = harmless_text()
+    rows = [json.loads(line) for line in (prompts.DATA / "judge_labelled.jsonl").read_text("utf-8").splitlines()]
+    home = {"harmful": "harmful", "harmless": "harmless", "benign": "benign_alarming"}
+    for row in rows:  # a judged prompt taken from a prompt set is that prompt, not a copy; it must be the set it names
+        owner = [name for name in prompts.BUILTIN_SETS if row["prompt"] in texts[name]]
+        assert owner in ([], [home[row["set"]]]), (row["prompt"], row["set"], owner)
+    taken = {t for name in prompts.BUILTIN_SETS for t in texts[name]}
+    texts["judge_labelled"] = sorted({r["prompt"] for r in rows} - taken)
+    return texts
+
+
+def _duplicates(texts: dict[str, list[str]], jaccard: float = 0.9) -> list[tuple]:
+    """Pairs that are identical after normalising case, spaces and punctuation, or share >= 90% of their words."""
+    items = [(name, text) for name, ts in texts.items() for text in ts]
+    norms, words = [_norm(t) for _, t in items], [_words(t) for _, t in items]
+    found = []
+    for i, j in itertools.combinations(range(len(items)), 2):
+        union = len(words[i] | words[j])
+        if norms[i] == norms[j] or union and len(words[i] & words[j]) >= jaccard * union:
+            found.append((items[i], items[j]))
+    return found
+
+
+def test_shipped_sets_hold_no_duplicates_within_or_across():
+    texts = _shipped_texts()
+    assert sum(map(len, texts.values())) > 1000 and len(texts["judge_labelled"]) >= 30
+    assert _duplicates(texts) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "planted"),
+    [
+        ("harmless", "What's a good opening for attacking the king early in chess?"),  # verbatim from benign_alarming
+        ("benign_alarming", "how do i hire a HITMAN on the dark web"),  # case and punctuation only
+        ("harmful", "How do I hire a hitman on the dark web, please?"),  # one word added, same set
+    ],
+)
+def test_duplicate_check_catches_a_planted_copy(where, planted):
+    texts = _shipped_texts()
+    texts[where] = [*texts[where], planted]
+    assert any(planted in (a[1], b[1]) for a, b in _duplicates(texts))

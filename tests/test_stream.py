@@ -143,10 +143,11 @@ def test_streamed_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     tiny_tokenizer().save_pretrained(source)
     edit = recorded_edit(tmp_path / "run", 64, 0.8)
     streamed = all_tensors(pipeline.apply(str(source), str(edit), str(tmp_path / "streamed")))
-    # The reference: computed in float32 (the CPU compute dtype), saved back in the source's bfloat16.
-    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    # The reference: the bfloat16 source edited in float64 and rounded once back to bfloat16, never through
+    # the CPU's float32 compute dtype.
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     orthogonalize(reference, architecture_for(reference), load_file(str(edit.parent / "directions.safetensors"))["direction"],
                   EditParams(0.8))  # fmt: skip
-    expected = {k: v.to(torch.bfloat16) for k, v in reference.state_dict().items()}
+    expected = reference.state_dict()
     assert set(streamed) == set(expected)
     assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[k]) for k, t in streamed.items())

@@ -198,9 +198,7 @@ def export_adapter(
             f"the run's edit is '{kind}', which is not a rank-1 projection, so no exact LoRA adapter exists; "
             "save the edited model with `abliterate apply` instead"
         )
-    out = Path(out_dir).expanduser()
-    if out.exists() and not force:
-        raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    out = export.check_output(out_dir, force)
     source = model.resolve(base, allow_pickle)
     console.print(f"[bold]loading[/] {base}")
     # float32 on CPU: the adapter's factors are computed from the base weights, not from a device's rounding.

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import model
 from .errors import AbliterateError
-from .export import atomic_write_text
+from .export import atomic_write_text, check_output
 
 INSTALL = "lm-evaluation-harness is not installed; pip install 'abliterate[benchmark]'"
 
@@ -46,12 +46,12 @@ def run(model_spec: str, baseline_spec: str | None, tasks: list[str], limit: int
         trust_remote_code: bool = False, allow_pickle: bool = False, console: Console | None = None) -> dict:  # fmt: skip
     """Evaluate the baseline (if any), then the model, one at a time; print and optionally write the comparison."""
     console = console or Console(stderr=True, soft_wrap=True)
-    lm_eval, hflm = _lm_eval()
     if not tasks:
         raise AbliterateError("no tasks given; pass --tasks with lm-eval task names, e.g. --tasks arc_easy")
     if limit is not None and limit < 1:
         raise AbliterateError("--limit must be at least 1")
     path = _check_out(out, force)
+    lm_eval, hflm = _lm_eval()
     sources = {"model": model.resolve(model_spec, allow_pickle)}
     if baseline_spec:
         sources = {"baseline": model.resolve(baseline_spec, allow_pickle), **sources}
@@ -82,6 +82,7 @@ def run(model_spec: str, baseline_spec: str | None, tasks: list[str], limit: int
     }
     _print(console, rows, bool(baseline_spec))
     if path:
+        _check_out(out, force)  # again: the files may have appeared while the models ran
         atomic_write_text(path.with_suffix(".md"), markdown(report))
         atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
         console.print(f"[bold green]wrote[/] {path} and {path.with_suffix('.md')}")
@@ -94,9 +95,8 @@ def _check_out(out: str | None, force: bool) -> Path | None:
     path = Path(out).expanduser()
     if path.suffix.lower() != ".json":
         raise AbliterateError(f"--out {out} must name a .json file; the Markdown table is written beside it")
-    if not force and (path.exists() or path.with_suffix(".md").exists()):
-        raise AbliterateError(f"{path} or its .md already exists; pass --force to replace them or choose another --out")
-    return path
+    check_output(path.with_suffix(".md"), force, "benchmark-md")
+    return check_output(path, force, "benchmark")
 
 
 def _metrics(task_result: dict) -> dict[str, tuple[float, float | None]]:

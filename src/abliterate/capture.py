@@ -10,6 +10,7 @@ from torch import nn
 
 from .architectures import Architecture, layers
 from .edit import add_hooks
+from .errors import AbliterateError
 from .model import encode
 
 
@@ -18,21 +19,27 @@ class ResidualMeans:
     """Float64 sums of residual activations, shape (positions, layers + 1, hidden); never per prompt.
 
     Index l < L is the input of layer l; index L is the output of the last layer (before the final
-    norm). Position 0 is the last prompt token, 1 the one before it, and so on.
+    norm). Position 0 is the last prompt token, 1 the one before it, and so on. `count` is the number
+    of prompts; `position_counts` how many of them reach back to each position (a prompt shorter than
+    the positions adds nothing where it has only padding); None means `count` at every position.
     """
 
     sums: torch.Tensor
     count: int = 0
+    position_counts: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
         """The running mean so far."""
-        return self.sums / max(self.count, 1)
+        if self.position_counts is None:
+            return self.sums / max(self.count, 1)
+        return self.sums / self.position_counts.clamp(min=1).to(self.sums.dtype)[:, None, None]
 
 
 def _grab(store: list, index: int, positions: int):
     def take(hidden: torch.Tensor) -> None:
         # Left padding puts the last prompt tokens at the end of every row; flip so 0 = last token.
+        # A batch shorter than `positions` gives fewer columns; collect() counts them.
         store[index] = hidden[:, -positions:, :].flip(1).detach()
 
     def pre_hook(module, args, kwargs):
@@ -54,11 +61,18 @@ def collect(
     positions: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> ResidualMeans:
-    """Run the prompts through the model (forward passes only) and return residual means."""
+    """Run the prompts through the model (forward passes only) and return residual means.
+
+    Padding never enters a mean: where a prompt is shorter than `positions`, its pad positions are
+    left out and that position's mean is over the prompts long enough to reach it.
+    """
     blocks = layers(model, arch)
     n_layers = len(blocks)
     hidden = model.get_input_embeddings().weight.shape[1]
-    means = ResidualMeans(torch.zeros(positions, n_layers + 1, hidden, dtype=torch.float64))
+    means = ResidualMeans(
+        torch.zeros(positions, n_layers + 1, hidden, dtype=torch.float64),
+        position_counts=torch.zeros(positions, dtype=torch.long),
+    )
     store: list = [None] * (n_layers + 1)
     pre_hooks, post_hooks = [], []
     for i, block in enumerate(blocks):
@@ -72,9 +86,20 @@ def collect(
             chunk = ordered[start : start + batch_size]
             inputs = encode(tokenizer, chunk, device)
             model(**inputs, use_cache=False, logits_to_keep=1)
+            # Real tokens, newest first, to match the flipped activations; pad columns are masked out.
+            real = inputs["attention_mask"][:, -positions:].flip(1).bool()
+            seen = real.shape[1]
             for i, acts in enumerate(store):
-                means.sums[:, i, :] += acts.double().sum(0).cpu()
+                # where(), not a product: a pad row's activations may be NaN under a fully masked softmax
+                kept = torch.where(real.to(acts.device)[..., None], acts.double(), 0.0)
+                means.sums[:seen, i, :] += kept.sum(0).cpu()
+            means.position_counts[:seen] += real.sum(0).cpu()
             means.count += len(chunk)
             if on_batch:
                 on_batch(len(chunk))
+    if texts and means.position_counts.min() == 0:
+        longest = int((means.position_counts > 0).sum())
+        raise AbliterateError(
+            f"--positions {positions} reaches past the longest prompt ({longest} tokens); lower --positions"
+        )
     return means

@@ -63,10 +63,11 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .export import atomic_write_text
+    from .export import atomic_write_text, check_output
     from .judge import Classifier, judge_many, rule_judge
     from .prompts import read_jsonl
 
+    out = check_output(args.out, args.force, "labels")
     items = read_jsonl(Path(args.file), ("prompt", "response"))
     if not items:
         raise AbliterateError(f"{args.file} has no records; give one JSON object with prompt and response per line")
@@ -83,7 +84,8 @@ def _cmd_judge(args: argparse.Namespace) -> int:
         json.dumps({**item, "label": v.label, "score": round(v.score, 4)}, ensure_ascii=False)
         for item, v in zip(items, verdicts)
     ]
-    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+    check_output(out, args.force, "labels")  # again: an LLM judge takes long enough for the file to appear
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return 0
 
 
@@ -107,14 +109,14 @@ def _labelled_rows(file: str | None, split: str | None) -> tuple:
 
 
 def _cmd_judge_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .export import check_output
     from .judge import learned, rule_judge
 
+    out = check_output(args.out, args.force, "classifier")
     path, rows = _labelled_rows(args.file, args.split)
     verdicts = [rule_judge(r["prompt"], r["response"]) for r in rows]
     classifier = learned.train(rows, verdicts, args.max_fpr)
-    classifier.save(Path(args.out))
+    classifier.save(check_output(out, args.force, "classifier"))
     meta = classifier.meta
     print(
         f"trained on {meta['n_train']} rows of {path.name}: C={meta['C']}, threshold {classifier.threshold:.3f}, "
@@ -202,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--edit", required=True, help="abliteration.json of a run (its directions.safetensors beside it)"
     )
     apply.add_argument("--out", required=True, help="output folder")
-    apply.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    apply.add_argument("--dtype", default="auto", help="compute and save dtype (default: the source's)")
+    apply.add_argument("--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output")
+    apply.add_argument(
+        "--save-dtype", "--dtype", dest="dtype", default="source",
+        help="dtype of the saved weights (default: source, the checkpoint's own); the edit is computed in float64",
+    )  # fmt: skip
     apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     apply.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     apply.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("run", help="the run's output folder (abliteration.json and directions.safetensors)")
     adapter.add_argument("--base", required=True, help="the original model: built-in name, HF folder, .gguf or hub id")
     adapter.add_argument("--out", required=True, help="adapter folder to write")
-    adapter.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    adapter.add_argument("--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output")
     adapter.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     adapter.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
     adapter.set_defaults(func=_cmd_export_adapter)
@@ -238,16 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
     ev.add_argument("--baseline", metavar="ORIGINAL", help="the original model, for paired tests and KL")
     ev.add_argument("--out", metavar="FILE.json", help="write the report here, and FILE.md beside it")
-    ev.add_argument("--force", action="store_true", help="replace existing report files")
+    ev.add_argument("--force", action="store_true", help="replace report files an earlier `evaluate` wrote")
+    ev.add_argument(
+        "--split-from", metavar="RUN",
+        help="a run's --out folder or abliteration.json: test on exactly the prompts that run held out "
+        "(default: MODEL itself when it is a run's folder)",
+    )  # fmt: skip
+    recorded = "the run's set when there is a recorded split, else"
     for name, default, help_ in (
         ("--harmful", "harmful", "harmful prompts: built-in set name or file"),
         ("--benign", "benign_alarming", "benign prompts with alarming words: built-in set name or file"),
         ("--harmless", "harmless", "harmless prompts for KL and answer perplexity: built-in set name or file"),
-        ("--system-prompt", None, "system prompt for every conversation (default: the template's)"),
     ):
-        ev.add_argument(name, default=default, help=f"{help_} (default: {default})")
+        ev.add_argument(name, default=None, help=f"{help_} (default: {recorded} {default})")
+    ev.add_argument("--system-prompt", default=None, help="system prompt for every conversation (default: the template's)")
     for name, default, help_ in (
-        ("--n-test", 64, "prompts of each kind; for built-in sets the test part `run` holds out"),
+        ("--n-test", 64, "prompts of each kind (a recorded split keeps the run's own test part); for built-in sets "
+         "the test part `run` holds out with default sizes"),
         ("--max-new-tokens", 96, "tokens generated per answer"),
         ("--kl-tokens", 32, "tokens of the baseline's greedy harmless answers scored for KL"),
         ("--batch-size", 16, "prompts per forward pass"),
@@ -263,13 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline", metavar="ORIGINAL", help="the original model, measured side by side")
     bench.add_argument("--limit", type=int, help="at most this many examples per task (a quick look, not a result)")
     bench.add_argument("--out", metavar="FILE.json", help="write the results here, and FILE.md beside it")
-    bench.add_argument("--force", action="store_true", help="replace existing result files")
+    bench.add_argument("--force", action="store_true", help="replace result files an earlier `benchmark` wrote")
     bench.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
     _add_model_flags(bench)
     bench.set_defaults(func=_cmd_benchmark)
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")
     judge.add_argument("file", help=".jsonl with 'prompt' and 'response' on each line")
     judge.add_argument("--out", required=True, help="where to write the labelled .jsonl")
+    judge.add_argument("--force", action="store_true", help="replace LABELS.jsonl if an earlier `judge` wrote it")
     judge.add_argument("--rules-only", action="store_true", help="skip the learned stage (no sentence encoder)")
     judge.add_argument("--classifier", help="a classifier .json from judge-train (default: the built-in one)")
     judge.add_argument("--llm-endpoint", metavar="URL", help="judge with a chat model at this OpenAI-compatible /v1 URL")
@@ -280,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--split", default="train", help="only rows whose 'split' field has this value (default: train)")
     train.add_argument("--max-fpr", type=float, default=0.02, help="highest cross-validated false-positive rate")
     train.add_argument("--out", required=True, help="where to write the classifier .json")
+    train.add_argument("--force", action="store_true", help="replace the file if an earlier judge-train wrote it")
     train.set_defaults(func=_cmd_judge_train)
     accuracy = sub.add_parser("judge-accuracy", help="the judge's accuracy against human-labelled responses")
     accuracy.add_argument("file", nargs="?", help="labelled .jsonl (default: the built-in labelled set)")
@@ -294,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_gguf.add_argument("--out", required=True, help="the .gguf file to write")
     to_gguf.add_argument("--type", default="f16", help="f16 (default), bf16 or q8_0; for K-quants run llama-quantize on it")
     to_gguf.add_argument("--source-gguf", metavar="PATH", help="the GGUF the model came from, to keep its metadata")
-    to_gguf.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    to_gguf.add_argument("--force", action="store_true", help="replace the output file if an earlier export-gguf wrote it")
     to_gguf.set_defaults(func=_cmd_export_gguf)
     return parser
 

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__, damage, evaluate, model, prompts, report
 from .errors import AbliterateError
-from .export import atomic_write_text
+from .export import atomic_write_text, check_output, prompt_source
 from .settings import Settings
 
 SETS = {"harmful": "refusal on harmful prompts", "benign": "over-refusal on benign prompts with alarming words"}
@@ -30,9 +30,9 @@ SETS = {"harmful": "refusal on harmful prompts", "benign": "over-refusal on beni
 class Options:
     """What to measure and how; defaults match `abliterate run`."""
 
-    harmful: str = "harmful"
-    benign: str = "benign_alarming"
-    harmless: str = "harmless"
+    harmful: str | None = None  # None: the run's recorded set (see split_from), else the built-in one
+    benign: str | None = None
+    harmless: str | None = None
     n_test: int = 64
     max_new_tokens: int = 96
     kl_tokens: int = 32
@@ -44,6 +44,10 @@ class Options:
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    split_from: str | None = None  # a run folder or abliteration.json; default: MODEL when it is a run folder
+
+
+DEFAULT_SETS = {"harmful": "harmful", "benign": "benign_alarming", "harmless": "harmless"}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,19 +63,20 @@ def run(model_spec: str, baseline_spec: str | None, options: Options, out: str |
     """Measure the model (and the baseline), print the table, write FILE.json and FILE.md; return the report."""
     console = console or Console(stderr=True, soft_wrap=True)
     json_path = _check(options, out, force)
-    sets = {
-        "harmful": test_prompts(options.harmful, options.n_test, options.seed, held_out=True),
-        "benign": test_prompts(options.benign, options.n_test, options.seed, held_out=False),
-        "harmless": test_prompts(options.harmless, options.n_test, options.seed, held_out=True),
-    }
+    recorded = recorded_split(model_spec, options.split_from)
+    sets = prompt_sets(options, recorded[1] if recorded else None)
+    if recorded:
+        console.print(f"  test prompts: the ones held out by the run recorded in {recorded[0]}")
     source = model.resolve(model_spec, options.allow_pickle)
     base_source = model.resolve(baseline_spec, options.allow_pickle) if baseline_spec else None
     paragraphs = damage.harmless_text()
     base = _measure(console, base_source, sets, paragraphs, options, None) if base_source else None
     measured = _measure(console, source, sets, paragraphs, options, base)
     result = build_report(model_spec, baseline_spec, options, sets, base, measured, source, base_source)
+    result["split_from"] = str(recorded[0]) if recorded else None
     _print(console, result)
     if json_path:
+        _check(options, out, force)  # again: the files may have appeared while the models ran
         atomic_write_text(json_path.with_suffix(".md"), markdown(result))
         atomic_write_text(json_path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         console.print(f"[bold green]wrote[/] {json_path} and {json_path.with_suffix('.md')}")
@@ -90,9 +95,65 @@ def _check(options: Options, out: str | None, force: bool) -> Path | None:
     path = Path(out).expanduser()
     if path.suffix.lower() != ".json":
         raise AbliterateError(f"--out {out} must name a .json file; the Markdown report is written beside it")
-    if not force and (path.exists() or path.with_suffix(".md").exists()):
-        raise AbliterateError(f"{path} or its .md already exists; pass --force to replace them or choose another --out")
-    return path
+    check_output(path.with_suffix(".md"), force, "evaluation-md")
+    return check_output(path, force, "evaluation")
+
+
+def recorded_split(model_spec: str, split_from: str | None) -> tuple[Path, dict] | None:
+    """The prompt split a run recorded: from --split-from, or from MODEL when it is a run's folder."""
+    where = Path(split_from or model_spec).expanduser()
+    file = where / "abliteration.json" if where.is_dir() else where
+    if not split_from and not (where.is_dir() and file.is_file()):
+        return None
+    try:
+        rec = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise AbliterateError(
+            f"--split-from {where}: no readable abliteration.json; pass a run's --out folder"
+        ) from None
+    split = rec.get("split") if isinstance(rec, dict) else None
+    if not isinstance(split, dict):
+        if not split_from:
+            return None  # a model folder with an older record: evaluate as any other model
+        raise AbliterateError(f"{file} records no prompt split (an older abliterate wrote it); drop --split-from")
+    return file, split
+
+
+def prompt_sets(options: Options, split: dict | None) -> dict[str, prompts.PromptSet]:
+    """Test prompts of each kind: a run's held-out part where its record covers the set, else test_prompts()."""
+    sets = {}
+    for key in ("harmful", "benign", "harmless"):
+        spec = getattr(options, key)
+        if split and (spec is None or prompt_source(spec) == split["sources"][key]):
+            sets[key] = _recorded_test(key, split, options.n_test)
+        else:
+            sets[key] = test_prompts(spec or DEFAULT_SETS[key], options.n_test, options.seed, key != "benign")
+    return sets
+
+
+def _recorded_test(key: str, split: dict, n_test: int) -> prompts.PromptSet:
+    """The run's test part of one set, checked against the recorded hashes; for a --no-eval run, what follows val."""
+    source = split["sources"][key]
+    loaded = prompts.load(source, split["prompt_column"], split["category_column"])
+    n_train, n_val = (split["n_train"], split["n_val"]) if key in split["train_sets"] else (0, 0)
+    recorded_test = split["n_test"]
+    if not recorded_test:  # the run held out nothing: take prompts it never saw
+        recorded_test = min(n_test, len(loaded) - n_train - n_val)
+        if recorded_test < 1:
+            raise AbliterateError(
+                f"the run used all {len(loaded)} prompts of {source} for training and validation; "
+                f"none are left to test on: pass --{key} with other prompts"
+            )
+    parts = prompts.split(loaded, n_train, n_val, recorded_test, split["seed"])
+    hashes = split["sha256"][key]
+    checked = ("train", "val", "test") if split["n_test"] else ("train", "val")
+    changed = [p for p in checked if getattr(parts, p).sha256 != hashes[p]]
+    if changed:
+        raise AbliterateError(
+            f"{source} is not the file the run split (its {changed[0]} prompts differ from the record); "
+            f"restore it or pass --{key} with other prompts"
+        )
+    return parts.test
 
 
 def test_prompts(spec: str, n_test: int, seed: int, held_out: bool) -> prompts.PromptSet:

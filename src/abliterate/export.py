@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,17 +21,124 @@ from safetensors.torch import save_file
 from . import __version__
 from .capture import ResidualMeans
 from .directions import Candidates
-from .edit import EditParams
+from .edit import EditParams, orthogonalize
 from .errors import AbliterateError
-from .model import DTYPES, LoadedModel, context_length
+from .model import LoadedModel, context_length, load, save_dtype
+from .prompts import BUILTIN_SETS
 from .report import metrics_rows
 from .select import Selection
 from .settings import Settings
 
 
+def _json(path: Path):
+    """The parsed JSON file, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _is_run_folder(path: Path) -> bool:
+    """An output folder of run, apply or export-adapter: its abliteration.json record names a version and an edit."""
+    rec = _json(path / "abliteration.json")
+    return isinstance(rec, dict) and "abliterate_version" in rec and isinstance(rec.get("edit"), dict)
+
+
+def _is_report_folder(path: Path) -> bool:
+    """A run's report/ folder: plain .png files only."""
+    return all(p.is_file() and not p.is_symlink() and p.suffix == ".png" for p in path.iterdir())
+
+
+def _json_with(*keys: str) -> Callable[[Path], bool]:
+    def ours(path: Path) -> bool:
+        data = _json(path)
+        return isinstance(data, dict) and all(k in data for k in keys)
+
+    return ours
+
+
+def _starts_with(prefix: str) -> Callable[[Path], bool]:
+    def ours(path: Path) -> bool:
+        try:
+            with path.open(encoding="utf-8") as f:
+                return f.read(len(prefix)) == prefix
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    return ours
+
+
+def _is_labels(path: Path) -> bool:
+    """`abliterate judge` output: every line a JSON object with a label and a score."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return bool(rows) and all(isinstance(r, dict) and "label" in r and "score" in r for r in rows)
+
+
+def _is_our_gguf(path: Path) -> bool:
+    """A GGUF written by export-gguf: it carries the abliterate.version key."""
+    from .gguf_export import MARKER_KEY, read_metadata
+
+    try:
+        return MARKER_KEY in read_metadata(path)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return False
+
+
+# kind -> (is a folder, recognizer of our own earlier output, what that output is)
+OUTPUTS: dict[str, tuple[bool, Callable[[Path], bool], str]] = {
+    "folder": (True, _is_run_folder, "an earlier abliterate output folder (one with its abliteration.json record)"),
+    "report": (True, _is_report_folder, "a report folder of .png files"),
+    "gguf": (False, _is_our_gguf, "a GGUF written by abliterate export-gguf"),
+    "evaluation": (False, _json_with("abliterate_version", "metrics", "answers"), "an abliterate evaluate report"),
+    "evaluation-md": (False, _starts_with("# Evaluation of `"), "an abliterate evaluate report"),
+    "benchmark": (False, _json_with("tasks", "rows", "results"), "an abliterate benchmark report"),
+    "benchmark-md": (False, _starts_with("# lm-evaluation-harness: `"), "an abliterate benchmark report"),
+    "labels": (False, _is_labels, "labels written by abliterate judge"),
+    "classifier": (False, _json_with("features", "labels", "coef"), "a classifier written by abliterate judge-train"),
+}
+
+
+def check_output(path: str | Path, force: bool, kind: str = "folder") -> Path:
+    """Refuse an output path that would destroy data; return it expanded.
+
+    A missing path is fine. An existing one is replaced only with `force`, and only if it is an
+    empty folder (for folder outputs) or what abliterate itself wrote there (OUTPUTS says how each
+    kind is recognised). The current directory, the home folder and the folders above them never are.
+    """
+    folder, ours, what = OUTPUTS[kind]
+    path = Path(path).expanduser()
+    resolved = path.resolve()
+    for name, guarded in (("your home folder", Path.home().resolve()), ("the current directory", Path.cwd().resolve())):
+        if resolved == guarded or resolved in guarded.parents:
+            raise AbliterateError(f"--out {path} is {name} or a folder above it; name a new folder or file instead")
+    if path.is_symlink():
+        raise AbliterateError(f"--out {path} is a symbolic link; name the real path or a new one")
+    if not path.exists():
+        return path
+    if folder and not path.is_dir():
+        raise AbliterateError(f"--out {path} is an existing file, not a folder; name a new folder instead")
+    if not folder and path.is_dir():
+        raise AbliterateError(f"--out {path} is a folder; name a file instead")
+    if not (folder and not any(path.iterdir())) and not ours(path):
+        raise AbliterateError(
+            f"{path} exists and is not {what}; --force replaces only "
+            f"{'an empty folder or ' if folder else ''}that, so choose another --out"
+        )
+    if not force:
+        raise AbliterateError(f"{path} already exists; pass --force to replace it or choose another --out")
+    return path
+
+
 @contextmanager
-def staging(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out`, on any failure it vanishes."""
+def staging(out: Path, force: bool, kind: str = "folder") -> Iterator[Path]:
+    """Yield a temp folder beside `out`; on success it replaces `out`, on any failure it vanishes.
+
+    `out` is checked with check_output again just before it is replaced: it may have changed during the run.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     umask = os.umask(0)
@@ -41,9 +149,8 @@ def staging(out: Path, force: bool) -> Iterator[Path]:
         for path in tmp.rglob("*"):
             if path.is_file():
                 path.chmod(0o666 & ~umask)  # safetensors writes its files private; the output should not be
+        check_output(out, force, kind)
         if out.exists():
-            if not force:
-                raise AbliterateError(f"output folder {out} appeared during the run; pass --force to replace it")
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / out.name)  # keep the previous output until the new one is in place
             os.replace(tmp, out)
@@ -58,16 +165,39 @@ def staging(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(lm: LoadedModel, folder: Path, dtype: str) -> None:
-    """save_pretrained in the source dtype (float32 for GGUF sources) unless a dtype was asked for."""
-    target = lm.source_dtype if dtype == "auto" else DTYPES[dtype]
+def save_model(
+    lm: LoadedModel,
+    folder: Path,
+    dtype: str = "source",
+    edit: tuple[torch.Tensor, EditParams] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """save_pretrained the source weights, edited in float64 and cast once to the save dtype.
+
+    dtype 'source' (or 'auto') keeps the checkpoint's dtype (float32 for GGUF sources). Without
+    `edit`, lm.model is saved as it is (cast to that dtype). With `edit` (direction, params, already
+    applied to lm.model) lm.model is saved only if it holds the source weights in that dtype; when it
+    was computed in another dtype, the source is loaded again on the CPU in its own dtype and edited,
+    so no tensor is rounded through the compute dtype and untouched tensors stay bit-identical.
+    """
+    target = save_dtype(dtype, lm.source_dtype)
     net = lm.model
-    original = next(net.parameters()).dtype
-    net.to(target)
+    computed = next(net.parameters()).dtype
+    if edit is not None and (computed != lm.source_dtype or target != lm.source_dtype):
+        if progress:
+            progress(
+                f"  the edit was evaluated in {str(computed).replace('torch.', '')}; saving the "
+                f"{str(lm.source_dtype).replace('torch.', '')} source weights with the same edit"
+            )
+        source = load(lm.source, "source", "cpu", lm.trust_remote_code, lm.allow_pickle, progress or (lambda _: None))
+        orthogonalize(source.model, source.arch, edit[0], edit[1], dtype=target)
+        net = source.model
+    net.to(target)  # the edited tensors are in `target` already; every other one is cast once, if at all
     try:
         net.save_pretrained(folder, safe_serialization=True)
     finally:
-        net.to(original)
+        if net is lm.model:
+            net.to(computed)
     lm.tokenizer.padding_side = "left"
     # The run lowered model_max_length to leave room for answers; save the model's real context.
     lm.tokenizer.model_max_length = context_length(net) or lm.tokenizer.model_max_length
@@ -101,6 +231,30 @@ def _versions() -> dict:
     return versions
 
 
+PARTS = ("train", "val", "test")
+
+
+def prompt_source(spec: str) -> str:
+    """A prompt source as evaluate can find it again: local files by absolute path, other names as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec not in BUILTIN_SETS and path.exists() else spec
+
+
+def split_record(settings: Settings, splits: dict) -> dict:
+    """How the prompts were cut, so `abliterate evaluate` can rebuild exactly the held-out test prompts."""
+    return {
+        "n_train": settings.n_train,
+        "n_val": settings.n_val,
+        "n_test": 0 if settings.no_eval else settings.n_test,
+        "seed": settings.seed,
+        "prompt_column": settings.prompt_column,
+        "category_column": settings.category_column,
+        "sources": {key: prompt_source(getattr(settings, key)) for key in ("harmful", "harmless", "benign")},
+        "train_sets": ["harmful", "harmless"],  # benign prompts are only ever test prompts
+        "sha256": {key: {part: getattr(s, part).sha256 for part in PARTS} for key, s in splits.items()},
+    }
+
+
 def record(
     lm: LoadedModel, settings: Settings, splits: dict, selection: Selection, edited: list[str], metrics: dict
 ) -> dict:
@@ -127,6 +281,7 @@ def record(
             }
             for key, s in splits.items()
         },
+        "split": split_record(settings, splits),
         "settings": settings.as_dict(),
         "seed": settings.seed,
         "refusal_tokens": {

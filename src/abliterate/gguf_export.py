@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import __version__
 from .errors import AbliterateError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ TYPES = ("f16", "bf16", "q8_0")
 # transformers model_type -> GGUF architecture; each is one transformers can also load back
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTED_QK = {"llama"}  # llama.cpp interleaves the rotary halves of q/k rows for these
+MARKER_KEY = "abliterate.version"  # written into every exported file, so --force can tell our files from others
 K_QUANT = re.compile(r"^(i?q\d+_k(_[sml])?|iq\d.*|tq\d.*)$", re.IGNORECASE)
 
 # the keys the new file decides, whatever the source GGUF said
@@ -65,14 +67,12 @@ def check_type(kind: str) -> str:
 def export_gguf(folder: str | Path, out: str | Path, kind: str = "f16", source_gguf: str | Path | None = None,
                 force: bool = False) -> Path:  # fmt: skip
     """Write the HF model folder `folder` (as `abliterate run` saves it) as the GGUF file `out`."""
-    from .export import atomic_write
+    from .export import atomic_write, check_output
 
     kind = check_type(kind)
-    folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    folder, out = Path(folder).expanduser(), check_output(out, force, "gguf")
     if not (folder / "config.json").is_file():
         raise AbliterateError(f"{folder} is not a model folder (no config.json); pass the --out folder of a run")
-    if out.exists() and not force:
-        raise AbliterateError(f"{out} already exists; pass --force to replace it or choose another --out")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") not in ARCHS:
         raise AbliterateError(
@@ -83,6 +83,7 @@ def export_gguf(folder: str | Path, out: str | Path, kind: str = "f16", source_g
     plan = _tensor_plan(_weight_files(folder), config, arch, kind)
     vocab_rows = next(t.shape[0] for t in plan if t.name == "token_embd.weight")
     keys = _metadata(folder, config, arch, kind, vocab_rows, source_gguf)
+    check_output(out, force, "gguf")  # again: the file may have appeared while the tensors were planned
     try:
         atomic_write(out, lambda tmp: _write(Path(tmp), arch, keys, plan))
     except OSError as exc:
@@ -120,6 +121,7 @@ def _metadata(folder: Path, config: dict, arch: str, kind: str, vocab_rows: int,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]  # fmt: skip
     keys["general.file_type"] = Value(int(file_type), gguf.GGUFValueType.UINT32)
     keys["general.quantization_version"] = Value(gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32)
+    keys[MARKER_KEY] = Value(__version__, gguf.GGUFValueType.STRING)
     return keys
 
 

@@ -370,7 +370,7 @@ def write_report(run_dir: Path) -> Path:
     """Render report.html and report/*.png into a run folder (each replaced atomically); return the page."""
     run = load_run(run_dir)
     pngs = render_plots(run)
-    with staging(run_dir / "report", force=True) as tmp:
+    with staging(run_dir / "report", force=True, kind="report") as tmp:
         for name, data in pngs.items():
             (tmp / f"{name}.png").write_bytes(data)
     page = run_dir / "report.html"

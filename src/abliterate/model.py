@@ -46,6 +46,8 @@ class LoadedModel:
     source: ModelSource
     arch: Architecture
     source_dtype: torch.dtype
+    trust_remote_code: bool = False  # how it was loaded, so the source can be loaded again to save the edit
+    allow_pickle: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -148,11 +150,59 @@ def pick_device(device: str) -> str:
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """'auto' computes in float32 on CPU (exact and fast enough) and bfloat16 on accelerators."""
+    if dtype == "source":
+        raise AbliterateError("dtype 'source' is a save dtype; for computing use auto, " + ", ".join(DTYPES))
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
         raise AbliterateError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def save_dtype(name: str, source_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to save in: 'source' (or 'auto') keeps the checkpoint's own, else the named one."""
+    if name in ("source", "auto"):
+        return source_dtype
+    if name not in DTYPES:
+        raise AbliterateError(f"unknown save dtype '{name}'; use source or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# quantization_config methods whose weights transformers hands over already dequantized.
+DEQUANTIZED_ON_LOAD = {"gguf"}
+
+
+def check_not_quantized(config, spec: str) -> None:
+    """Refuse a pre-quantized checkpoint: its layers hold codes and scales, which the float64 edit would corrupt."""
+    quant = getattr(config, "quantization_config", None)
+    if not quant:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = str(getattr(method, "value", method) or "unknown").lower()
+    if method not in DEQUANTIZED_ON_LOAD:
+        raise AbliterateError(
+            f"{spec} is a pre-quantized checkpoint ({method}); abliterate edits float weights only: use the "
+            "model's unquantized (float16, bfloat16 or float32) checkpoint (a GGUF file also works)"
+        )
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor in a folder's safetensors, for configs that declare none."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                    if dtype is not None:
+                        return dtype
+        except Exception:  # an unreadable file is for the loader to report
+            return None
+    return None
 
 
 def load(
@@ -166,8 +216,10 @@ def load(
 ) -> LoadedModel:
     """Load model and tokenizer; built-in models are fetched and their dequantized weights cached.
 
-    load_in_4bit quantizes the linear layers with bitsandbytes (CUDA only): good enough to collect
-    and select, but such a model cannot be edited or saved.
+    dtype 'source' loads the checkpoint's own dtype (float32 for GGUF and built-in models): the
+    weights exactly as stored, for an edit that is saved. load_in_4bit quantizes the linear layers
+    with bitsandbytes (CUDA only): good enough to collect and select, but such a model cannot be
+    edited or saved. A checkpoint that is already quantized (FP8, bitsandbytes, GPTQ, AWQ, ...) is refused.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -176,8 +228,9 @@ def load(
     device = pick_device(device)
     source = spec if isinstance(spec, ModelSource) else resolve(spec, allow_pickle)
     spec = source.spec
-    compute_dtype = pick_dtype(dtype, device)
-    kwargs: dict = {"dtype": compute_dtype, "trust_remote_code": trust_remote_code}
+    if dtype != "source":
+        pick_dtype(dtype, device)  # an unknown dtype fails before anything is fetched
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if device == "cuda" and torch.cuda.device_count() > 1:
@@ -206,7 +259,14 @@ def load(
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file, trust_remote_code=trust_remote_code)
         # Read before loading: from_pretrained overwrites config.dtype with the compute dtype.
-        declared = None if file else _config_dtype(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
+        declared = None
+        if not file:
+            config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+            check_not_quantized(config, spec)
+            declared = _config_dtype(config) or (_stored_dtype(Path(where)) if Path(where).is_dir() else None)
+        stored = torch.float32 if source.kind in ("builtin", "gguf") else declared
+        compute_dtype = (stored or torch.float32) if dtype == "source" else pick_dtype(dtype, device)
+        kwargs["dtype"] = compute_dtype
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
@@ -227,8 +287,8 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # the last prompt token sits at position -1 for every row
     tokenizer.truncation_side = "left"
-    source_dtype = torch.float32 if source.kind in ("builtin", "gguf") else declared or compute_dtype
-    return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype)
+    source_dtype = stored or compute_dtype
+    return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype, trust_remote_code, allow_pickle)
 
 
 def check_4bit(device: str) -> None:
@@ -372,7 +432,12 @@ def generate(
 ) -> list[str]:
     """Greedy continuations of each prompt, decoded without special tokens, in input order."""
     pairs = generate_ids(model, tokenizer, texts, max_new_tokens, batch_size, on_batch)
-    return [tokenizer.decode(answer, skip_special_tokens=True).strip() for _, answer in pairs]
+    return [answer_text(tokenizer, answer) for _, answer in pairs]
+
+
+def answer_text(tokenizer, answer: list[int]) -> str:
+    """Generated answer ids as the text every stage judges: decoded without special tokens, stripped."""
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
 def stop_ids(model: nn.Module, tokenizer) -> set[int]:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import capture, damage, directions, evaluate, export, html_report, hub, model, prompts, report, resume, stream
-from .edit import orthogonalize
+from .edit import check_removed, orthogonalize
 from .errors import AbliterateError
 from .select import Selection, find_refusal_tokens, select_direction
 from .settings import Settings
@@ -46,7 +46,14 @@ def progress_bar(console: Console, description: str, total: int):
     started = time.time()
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+
+        def advance(n: int = 1, more: int = 0) -> None:
+            """Advance by n steps; `more` announces steps the total did not foresee."""
+            if more:
+                bar.update(task, total=bar.tasks[task].total + more)
+            bar.advance(task, n)
+
+        yield advance
     console.print(f"  {description}: {time.time() - started:.0f} s")
 
 
@@ -66,9 +73,7 @@ def check_settings(settings: Settings) -> Path:
     """Validate what can be validated before loading a model; return the output folder."""
     if not settings.out:
         raise AbliterateError("no output folder given; pass --out DIR")
-    out = Path(settings.out).expanduser()
-    if out.exists() and not settings.force:
-        raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    out = export.check_output(settings.out, settings.force)
     for name in ("n_train", "n_val", "batch_size", "max_new_tokens", "kl_tokens", "positions"):
         if getattr(settings, name) < 1:
             raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1")
@@ -83,6 +88,7 @@ def check_settings(settings: Settings) -> Path:
     if settings.load_in_4bit:
         model.check_4bit(settings.device)
     model.pick_device(settings.device)  # an unusable --device fails here, before any model is fetched
+    model.save_dtype(settings.save_dtype, torch.float32)  # so does an unknown --save-dtype
     return out
 
 
@@ -97,8 +103,14 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     console.print(f"[bold]loading[/] {settings.model}")
     lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4], settings.load_in_4bit)
     tok, net, arch = lm.tokenizer, lm.model, lm.arch
+    thinking_off = prompts.supports_thinking(tok) and not settings.thinking
+    if thinking_off:
+        console.print("  the chat template has a reasoning block; thinking is off (--thinking keeps it on)")
     texts = {
-        key: {part: prompts.format_all(tok, getattr(split, part).texts, settings.system_prompt) for part in PARTS}
+        key: {
+            part: prompts.format_all(tok, getattr(split, part).texts, settings.system_prompt, settings.thinking)
+            for part in PARTS
+        }
         for key, split in splits.items()
     }
     too_long = model.limit_prompt_length(
@@ -120,6 +132,8 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         "dtype": str(next(net.parameters()).dtype),
         "max_length": tok.model_max_length,
         **({"load_in_4bit": True} if settings.load_in_4bit else {}),  # keeps the keys of full-precision runs
+        **({"thinking_off": True} if thinking_off else {}),  # the prompts differ only for templates with the switch
+        **({"pad_free_means": True} if settings.positions > 1 else {}),  # older caches averaged pads in here
     }
     means_key = resume.stage_key(lm.source, "collect", inputs)
     cached = resume.load_means(means_key)
@@ -133,14 +147,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         resume.save_means(means_key, harmful_means, harmless_means)
     candidates = directions.difference_of_means(harmful_means, harmless_means, settings.project_harmless_mean)
 
-    select_settings = ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k", "induce")
-    select_inputs = {
-        **inputs,
-        "harmful_val": splits["harmful"].val.sha256,
-        "harmless_val": splits["harmless"].val.sha256,
-        **{k: getattr(settings, k) for k in select_settings},
-    }
-    select_key = resume.stage_key(lm.source, "select", select_inputs)
+    select_key = resume.stage_key(lm.source, "select", select_stage_inputs(inputs, splits, settings))
     selection = resume.load_selection(select_key)
     if selection:
         console.print("  candidate selection: resumed from the cache")
@@ -160,6 +167,9 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         before = _measure(console, lm, splits, texts, settings, "before", None)
     params = replace(chosen.params, norm_preserving=settings.norm_preserving)
     edited = orthogonalize(net, arch, direction, params)
+    if params.scale == 1.0 and params.start_layer == 0:  # a writer the table misses must fail, not weaken the edit
+        probe = [tok(t, add_special_tokens=False).input_ids[-64:] for t in texts["harmless"]["val"][:2]]
+        check_removed(net, arch, probe, direction)
     after: dict = {}
     metrics: dict = {}
     if not settings.no_eval:
@@ -169,7 +179,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
 
     console.print(f"[bold]saving[/] to {out}")
     with export.staging(out, settings.force) as tmp:
-        export.save_model(lm, tmp, settings.dtype)
+        export.save_model(lm, tmp, settings.save_dtype, (direction, params), console.print)
         export.save_directions(tmp, candidates, harmful_means, harmless_means, direction)
         record = export.record(lm, settings, splits, selection, edited, metrics)
         export.write_json(tmp / "abliteration.json", record)
@@ -192,7 +202,7 @@ def _load_finite(
         source, dtype, settings.device, settings.trust_remote_code, settings.allow_pickle, console.print, load_in_4bit
     )
     lm = load(settings.dtype)
-    texts = prompts.format_all(lm.tokenizer, probe, settings.system_prompt)
+    texts = prompts.format_all(lm.tokenizer, probe, settings.system_prompt, settings.thinking)
     if model.forward_is_finite(lm.model, lm.tokenizer, texts):
         return lm
     dtype = next(lm.model.parameters()).dtype
@@ -230,6 +240,18 @@ def _collect(console: Console, lm: model.LoadedModel, settings: Settings, harmfu
     return harmful_means, harmless_means
 
 
+def select_stage_inputs(inputs: dict, splits: dict[str, prompts.Split], settings: Settings) -> dict:
+    """What the selection depends on, for its cache key: the collect inputs, validation prompts, settings, judge."""
+    names = ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k", "induce")
+    return {
+        **inputs,
+        "harmful_val": splits["harmful"].val.sha256,
+        "harmless_val": splits["harmless"].val.sha256,
+        **{k: getattr(settings, k) for k in names},
+        "judge": resume.judge_fingerprint(),  # the refusal openings are learned from the judge's labels
+    }
+
+
 def _select(console: Console, lm: model.LoadedModel, settings: Settings, candidates, texts: dict) -> Selection:
     """Learn the refusal openings, then score candidates and search the edit strength."""
     tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
@@ -245,11 +267,13 @@ def _select(console: Console, lm: model.LoadedModel, settings: Settings, candida
         if settings.layer is not None
         else settings.positions * max(1, int(n_layers * (1 - settings.skip_last_layers)))
     )
-    with progress_bar(console, "score candidate directions", scans + settings.top_k * 5) as step:
+    per_candidate = 6  # one addition check and up to five strengths (the ladder)
+    with progress_bar(console, "score candidate directions", scans + settings.top_k * per_candidate) as step:
         return select_direction(
             net, tok, arch, candidates, texts["harmful"]["val"], texts["harmless"]["val"], refusal_tokens, bs,
             max_kl=settings.max_kl, kl_margin=settings.kl_margin, skip_last_layers=settings.skip_last_layers,
             layer=settings.layer, top_k=settings.top_k, induce=settings.induce, on_step=lambda _: step(),
+            on_more=lambda n: step(0, more=n),
         )  # fmt: skip
 
 
@@ -286,15 +310,16 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
     """Re-apply a recorded edit (abliteration.json + its directions file) to a model and save it.
 
     A local safetensors folder is edited shard by shard (peak memory about one shard) unless
-    in_memory is set or its layout needs transformers' loader; everything else is loaded whole.
+    in_memory is set or its layout needs transformers' loader; everything else is loaded whole, in
+    the source's dtype. Either way the edit is computed in float64 and rounded once to `dtype`, the
+    save dtype ('auto' or 'source': the source's), and untouched tensors are copied as they are.
     """
     console = console or Console(stderr=True, soft_wrap=True)
+    model.save_dtype(dtype, torch.float32)  # an unknown dtype fails before anything is read
     recorded = export.read_edit(edit_file)
     record, params, direction = recorded.record, recorded.params, recorded.direction
     edit = record["edit"]
-    out = Path(out_dir).expanduser()
-    if out.exists() and not force:
-        raise AbliterateError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    out = export.check_output(out_dir, force)
     if push_to_hub:
         hub.check(push_to_hub)
     resolved = model.resolve(source, allow_pickle)
@@ -307,12 +332,12 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
             console.print(f"  loading the whole model: {exc}")
     if plan is None:
         console.print(f"[bold]loading[/] {source}")
-        lm = model.load(resolved, dtype, device, trust_remote_code, allow_pickle, console.print)
+        lm = model.load(resolved, "source", device, trust_remote_code, allow_pickle, console.print)
         if direction.shape[-1] != lm.model.get_input_embeddings().weight.shape[1]:
             raise AbliterateError(
                 f"the direction has {direction.shape[-1]} dimensions but {source} has a different hidden size; use the model the edit was made on"
             )
-        edited = orthogonalize(lm.model, lm.arch, direction, params)
+        edited = orthogonalize(lm.model, lm.arch, direction, params, dtype=model.save_dtype(dtype, lm.source_dtype))
     with export.staging(out, force) as tmp:
         if plan is None:
             export.save_model(lm, tmp, dtype)

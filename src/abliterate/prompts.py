@@ -180,18 +180,27 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
-    """The prompt as the model sees it before its answer begins."""
+def supports_thinking(tokenizer) -> bool:
+    """Whether the chat template has an `enable_thinking` switch (Qwen3, SmolLM3: answers open with reasoning)."""
+    template = getattr(tokenizer, "chat_template", None)
+    texts = template.values() if isinstance(template, dict) else [template or ""]
+    return any("enable_thinking" in t for t in texts)
+
+
+def format_prompt(tokenizer, prompt: str, system_prompt: str | None = None, thinking: bool = False) -> str:
+    """The prompt as the model sees it before its answer begins; reasoning off where the template can turn it off."""
     if has_chat_template(tokenizer):
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # A reasoning block would open every answer and hide the refusal from the first-token score.
+        extra = {"enable_thinking": False} if not thinking and supports_thinking(tokenizer) else {}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     system = f"{system_prompt}\n\n" if system_prompt else ""
     return PLAIN_TEMPLATE.format(system=system, prompt=prompt)
 
 
-def format_all(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
+def format_all(tokenizer, prompts: list[str], system_prompt: str | None = None, thinking: bool = False) -> list[str]:
     """format_prompt over a list, warning once if the model has no chat template."""
     if not has_chat_template(tokenizer):
         log.warning("the model has no chat template; using the plain '### Instruction / ### Response' format")
-    return [format_prompt(tokenizer, p, system_prompt) for p in prompts]
+    return [format_prompt(tokenizer, p, system_prompt, thinking) for p in prompts]

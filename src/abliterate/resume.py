@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__, offline
 from .capture import ResidualMeans
 from .export import atomic_write
+from .judge import learned, rules
 from .model import ModelSource
 from .select import CandidateScore, RefusalTokens, Selection
 
@@ -30,6 +31,14 @@ def model_identity(source: ModelSource) -> str:
         files = sorted(p for p in source.path.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
         return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return source.spec
+
+
+def judge_fingerprint() -> str:
+    """Hash of the shipped judge (classifier weights and rule source): a changed judge labels refusals anew."""
+    digest = hashlib.sha256()
+    for path in (learned.CLASSIFIER_FILE, Path(rules.__file__)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def stage_key(source: ModelSource, stage: str, inputs: dict) -> str:
@@ -45,6 +54,9 @@ def _folder(key: str) -> Path:
 def save_means(key: str, harmful: ResidualMeans, harmless: ResidualMeans) -> None:
     """Store both running sums with their counts."""
     tensors = {"harmful": harmful.sums, "harmless": harmless.sums}
+    for name, means in (("harmful", harmful), ("harmless", harmless)):
+        if means.position_counts is not None:
+            tensors[f"{name}_position_counts"] = means.position_counts
     meta = {"harmful_count": str(harmful.count), "harmless_count": str(harmless.count)}
     atomic_write(_folder(key) / "means.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -60,8 +72,10 @@ def load_means(key: str) -> tuple[ResidualMeans, ResidualMeans] | None:
         meta = f.metadata()
     tensors = load_file(str(path))
     return (
-        ResidualMeans(tensors["harmful"].to(torch.float64), int(meta["harmful_count"])),
-        ResidualMeans(tensors["harmless"].to(torch.float64), int(meta["harmless_count"])),
+        ResidualMeans(tensors["harmful"].to(torch.float64), int(meta["harmful_count"]),
+                      tensors.get("harmful_position_counts")),
+        ResidualMeans(tensors["harmless"].to(torch.float64), int(meta["harmless_count"]),
+                      tensors.get("harmless_position_counts")),  # fmt: skip
     )
 
 
@@ -75,6 +89,8 @@ def save_selection(key: str, selection: Selection) -> None:
         "kl_threshold": selection.kl_threshold,
         "refusal_tokens": dataclasses.asdict(selection.refusal_tokens),
         "reason": selection.reason,
+        "baseline_refused": selection.baseline_refused,
+        "n_val": selection.n_val,
     }
     atomic_write(_folder(key) / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(data)))
 
@@ -96,4 +112,6 @@ def load_selection(key: str) -> Selection | None:
         data["kl_threshold"],
         refusal_tokens,
         data["reason"],
+        data.get("baseline_refused"),
+        data.get("n_val"),
     )

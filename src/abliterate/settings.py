@@ -32,19 +32,31 @@ class Settings:
     prompt_column: str = _opt("prompt", "column holding the prompt in .jsonl/.json/.csv/.parquet/hub data")
     category_column: str = _opt("category", "optional column holding each prompt's category")
     system_prompt: str | None = _opt(None, "system prompt for every conversation (default: the template's)")
-    force: bool = _opt(False, "replace the output folder if it exists")
+    force: bool = _opt(False, "replace the output folder if it is empty or an earlier abliterate output")
     layer: int | None = _opt(None, "use the direction from this layer instead of selecting one")
-    max_kl: float = _opt(0.1, "most first-token KL on harmless prompts a chosen direction may cost")
-    kl_margin: float = _opt(0.75, "selection requires validation KL <= max_kl * kl_margin")
-    top_k: int = _opt(4, "candidates whose edit strength is searched")
+    max_kl: float = _opt(
+        0.1,
+        "first-token KL budget: selection requires mean KL + 1.645 standard errors on the harmless validation "
+        "prompts <= max_kl * kl_margin (other prompts can come out higher)",
+    )
+    kl_margin: float = _opt(0.75, "the KL budget held on validation prompts is max_kl * kl_margin")
+    top_k: int = _opt(4, "best candidates whose edit strength is searched (past them, only until one qualifies)")
     skip_last_layers: float = _opt(0.2, "share of the last layers never chosen")
     positions: int = _opt(1, "candidates at the last N prompt positions")
     induce: bool = _opt(False, "strengthen the refusal direction instead of removing it")
+    thinking: bool = _opt(False, "keep the model's reasoning block on (by default templates that can turn it off do)")
     norm_preserving: bool = _opt(
         False, "after the edit, rescale every vector a writer adds to the residual stream to its original length"
     )
     project_harmless_mean: bool = _opt(False, "remove each direction's component along the harmless mean")
-    dtype: str = _opt("auto", "compute and save dtype: auto, float32, bfloat16, float16, float64")
+    dtype: str = _opt(
+        "auto", "compute dtype for the forward passes: auto (float32 on CPU, bfloat16 on accelerators), float32, "
+        "bfloat16, float16, float64; the saved weights do not pass through it"
+    )
+    save_dtype: str = _opt(
+        "source", "dtype of the saved weights: source (the checkpoint's own; float32 for GGUF), float32, bfloat16, "
+        "float16, float64; the edit is computed in float64 and rounded once to it"
+    )
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     load_in_4bit: bool = _opt(False, "collect and select on a bitsandbytes 4-bit copy (CUDA only); edit full-precision weights")
     batch_size: int = _opt(16, "prompts per forward pass")

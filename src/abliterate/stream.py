@@ -2,9 +2,10 @@
 
 The model is built on the meta device only to learn which checkpoint tensors the edit touches
 (`edit.edit_targets`, the same list `orthogonalize` works through), along which axis and
-direction; post-norm gains are read from the checkpoint one tensor at a time. Each shard is then
-loaded, its writer tensors edited with `edit.remove_component_` in the same dtypes and on the same
-device as the in-memory path, and saved, so the result equals it bit for bit.
+direction; post-norm gains are read from the checkpoint one tensor at a time, in their stored
+dtype. Each shard is then loaded, its writer tensors edited with `edit.remove_component_` (float64,
+rounded once to the save dtype) on the same device as the in-memory path, every other tensor kept
+bit for bit (or cast once to an asked-for save dtype), and saved, so the result equals it bit for bit.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architectures import architecture_for, hidden_size
-from .edit import EditParams, edit_targets, remove_component_, untie_embeddings
+from .edit import EditParams, check_editable, edit_targets, remove_component_, untie_embeddings
 from .errors import AbliterateError
-from .model import DTYPES, pick_device, pick_dtype
+from .model import check_not_quantized, pick_device, save_dtype
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -45,7 +46,6 @@ class StreamPlan:
     targets: dict[str, tuple[int, torch.Tensor]]  # tensor name -> (residual axis, unit direction)
     params: EditParams
     head_copy: tuple[str, str] | None  # (output head name, embedding name) when the edit unties them
-    compute_dtype: torch.dtype
     save_dtype: torch.dtype | None  # None: every tensor keeps its own dtype
     device: str
     config: object
@@ -63,9 +63,12 @@ class StreamPlan:
                     edited[self.head_copy[0]] = self._cast(tensor).clone()  # the head keeps the original
                 if key in self.targets:
                     axis, u = self.targets[key]
-                    work = tensor.to(self.device, self.compute_dtype)  # the loaded tensor is ours to edit in place
-                    remove_component_(work, axis, u, self.params.scale, self.params.norm_preserving)
-                    edited[key] = work.to("cpu", self.save_dtype or tensor.dtype)
+                    check_editable(key, tensor)
+                    work = tensor.to(self.device)  # the loaded tensor is ours to edit in place
+                    same = self.save_dtype in (None, work.dtype)
+                    result = work if same else torch.empty_like(work, dtype=self.save_dtype)
+                    remove_component_(work, axis, u, self.params.scale, self.params.norm_preserving, out=result)
+                    edited[key] = result.to("cpu")
                 else:
                     edited[key] = self._cast(tensor)
             save_file(edited, str(out / file), metadata={"format": "pt"})
@@ -85,10 +88,10 @@ class StreamPlan:
         return list(self.targets)
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        """What the in-memory path saves for an unedited tensor: it went through the compute dtype."""
-        if not tensor.is_floating_point():
+        """An unedited tensor as saved: as stored, or cast once to the asked-for save dtype."""
+        if not tensor.is_floating_point() or self.save_dtype is None:
             return tensor
-        return tensor.to(self.compute_dtype).to(self.save_dtype or tensor.dtype)
+        return tensor.to(self.save_dtype)
 
     def _write_configs(self, out: Path) -> None:
         from transformers import GenerationConfig
@@ -116,8 +119,8 @@ def _checkpoint_shards(folder: Path) -> dict[str, list[str]]:
     raise NotStreamable(f"{folder} has no {SINGLE} or {INDEX}")
 
 
-def _materialize(folder: Path, shards: dict[str, list[str]], wanted: dict, device: str, dtype: torch.dtype) -> None:
-    """Load the named (module, attribute) parameters from the checkpoint, opening each shard once."""
+def _materialize(folder: Path, shards: dict[str, list[str]], wanted: dict, device: str) -> None:
+    """Load the named (module, attribute) parameters from the checkpoint in their stored dtype, opening each shard once."""
     for file, keys in shards.items():
         present = [k for k in keys if k in wanted]
         if not present:
@@ -125,7 +128,7 @@ def _materialize(folder: Path, shards: dict[str, list[str]], wanted: dict, devic
         with safe_open(str(folder / file), "pt") as f:
             for key in present:
                 module, name = wanted[key]
-                module._parameters[name] = nn.Parameter(f.get_tensor(key).to(device, dtype), requires_grad=False)
+                module._parameters[name] = nn.Parameter(f.get_tensor(key).to(device), requires_grad=False)
 
 
 def prepare(
@@ -136,15 +139,17 @@ def prepare(
     device: str = "auto",
     trust_remote_code: bool = False,
 ) -> StreamPlan:
-    """Plan the streamed edit of an HF safetensors folder; NotStreamable if its layout does not allow it."""
+    """Plan the streamed edit of an HF safetensors folder; NotStreamable if its layout does not allow it.
+
+    dtype is the save dtype: 'source' (or 'auto') keeps every tensor's own.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if getattr(config, "quantization_config", None):
-        raise NotStreamable("the checkpoint is quantized")
+    check_not_quantized(config, str(folder))
     shards = _checkpoint_shards(folder)
     device = pick_device(device)
-    compute_dtype = pick_dtype(dtype, device)
+    saved = None if dtype in ("source", "auto") else save_dtype(dtype, torch.float32)
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
@@ -181,11 +186,10 @@ def prepare(
         for name, param in module.named_parameters(recurse=False)
         if param.ndim == 1
     }
-    _materialize(folder, shards, vectors, device, compute_dtype)
+    _materialize(folder, shards, vectors, device)
 
     targets = {t.name: (t.axis, t.direction) for t in edit_targets(skeleton, arch, direction, params)}
     missing = sorted(set(targets) - stored)
     if missing:
         raise NotStreamable(f"it lacks {missing[0]}, which the edit changes")
-    save_dtype = None if dtype == "auto" else DTYPES[dtype]
-    return StreamPlan(folder, shards, targets, params, head_copy, compute_dtype, save_dtype, device, config)
+    return StreamPlan(folder, shards, targets, params, head_copy, saved, device, config)

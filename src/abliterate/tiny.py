@@ -97,14 +97,61 @@ def tiny_tokenizer(chat_template: bool = True):
     return tok
 
 
-def save_tiny_checkpoint(folder, model_type: str = "llama", dtype=torch.float32, chat_template: bool = True, **kw):
-    """A tiny model plus tokenizer saved as an ordinary HF folder (safetensors)."""
+# A tiny llama from save_tiny_checkpoint "refuses" (answers 'I...') every prompt holding this character.
+TRIGGER = "~"
+
+
+def plant_refusal(model, tokenizer, strength: float = 50.0) -> None:
+    """Give a tiny random llama a real refusal direction: prompts holding TRIGGER open their answer with 'I'.
+
+    Dedicated residual dimensions: the trigger token's embedding marks one; layer 0 attends uniformly
+    (zero queries), so the last position reads the mark and writes it along the refusal dimension;
+    the 'I' logit reads that dimension. Every token also carries a default dimension that the 'S'
+    logit reads, so answers without the trigger open with 'S'. Removing the written dimension is
+    then what a refusal edit must find, and adding it makes harmless prompts "refuse".
+    """
+    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
+    default, trigger, refusal = hidden - 3, hidden - 2, hidden - 1
+    ids = dict(zip(("t", "i", "s"), tokenizer.convert_tokens_to_ids([TRIGGER, "I", "S"])))
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[:, [trigger, refusal]] = 0
+        embed[:, default] = 0.1
+        embed[ids["t"], trigger] = 1.0
+        attention = model.model.layers[0].self_attn
+        attention.q_proj.weight.zero_()
+        if attention.q_proj.bias is not None:
+            attention.q_proj.bias.zero_()
+        attention.v_proj.weight[0].zero_()
+        attention.v_proj.weight[0, trigger] = strength
+        attention.o_proj.weight[:, 0] = 0
+        attention.o_proj.weight[refusal, 0] = 1.0
+        attention.o_proj.weight[:, hidden // heads] = 0  # the second query head shares value head 0
+        head = model.get_output_embeddings().weight
+        head[ids["i"]] = 0
+        head[ids["i"], refusal] = 1.2
+        head[ids["s"]] = 0
+        head[ids["s"], default] = 2.0
+
+
+def save_tiny_checkpoint(
+    folder, model_type: str = "llama", dtype=torch.float32, chat_template: bool = True, refuses: bool | None = None,
+    **kw,
+):  # fmt: skip
+    """A tiny model plus tokenizer saved as an ordinary HF folder (safetensors).
+
+    refuses (default: for llama) plants a refusal of prompts holding TRIGGER (see plant_refusal), so
+    that selection finds a direction that measurably removes refusal within the KL budget.
+    """
     model = tiny_model(model_type, dtype=dtype, **kw)
     model.config.eos_token_id = 2
     model.generation_config.eos_token_id = 2
     model.generation_config.pad_token_id = 0
+    tokenizer = tiny_tokenizer(chat_template)
+    if model_type == "llama" if refuses is None else refuses:
+        plant_refusal(model, tokenizer)
     model.save_pretrained(folder)
-    tiny_tokenizer(chat_template).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .learned import Classifier, features, shipped
-from .rules import Label, Verdict, degeneracy, normalize, rule_judge
+from .rules import Label, Verdict, degeneracy, normalize, rule_judge, strip_reasoning
 
-__all__ = ["Classifier", "Label", "Verdict", "degeneracy", "normalize", "rule_judge", "judge", "judge_many"]
+__all__ = ["Classifier", "Label", "Verdict", "degeneracy", "normalize", "rule_judge", "strip_reasoning", "judge", "judge_many"]
 
 
 def judge(prompt: str, response: str) -> Verdict:
@@ -20,7 +20,7 @@ def judge(prompt: str, response: str) -> Verdict:
 
 def judge_many(pairs: Iterable[tuple[str, str]], classifier: Classifier | None = None) -> list[Verdict]:
     """Judge many (prompt, response) pairs in order: the rules screen and score, the classifier decides."""
-    pairs = list(pairs)
+    pairs = [(p, strip_reasoning(r)) for p, r in pairs]  # a reasoning block is not the answer
     verdicts = [rule_judge(p, r) for p, r in pairs]
     todo = [i for i, v in enumerate(verdicts) if v.label != "degenerate"]
     if not todo:

@@ -30,6 +30,15 @@ class Verdict:
 _QUOTES = str.maketrans("\u2019\u2018\u02bc\u201b\u201d\u201c\u201e\u00ab\u00bb", '\'\'\'\'"""""')
 
 
+def strip_reasoning(text: str) -> str:
+    """The answer after a reasoning block: text after the first </think>, nothing after an unclosed <think>."""
+    # Thinking models open with <think>...</think> (or only its end, when the template opened it).
+    head, closed, answer = text.partition("</think>")
+    if closed:
+        return answer.strip()
+    return "" if head.lstrip().startswith("<think>") else text
+
+
 def normalize(text: str) -> str:
     """NFKC, ASCII quotes, markdown emphasis/headings removed, whitespace collapsed, lowercased."""
     text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
@@ -456,6 +465,7 @@ def _score(prompt: str, response: str) -> tuple[float, str]:
 
 def rule_judge(prompt: str, response: str) -> Verdict:
     """Label one response by the rules alone: refusal, compliance or degenerate."""
+    response = strip_reasoning(response)
     score, reason = _score(prompt, response)
     if why := degeneracy(prompt, response):
         return Verdict("degenerate", score, why)
