@@ -13,5 +13,6 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
       || echo "could not install chromium; the report rendering test will skip" >&2
   fi
 fi
-.venv/bin/ruff check src tests
+.venv/bin/ruff check src tests bench
+.venv/bin/ruff format --check src tests bench
 .venv/bin/python -m pytest -q "$@"

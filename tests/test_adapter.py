@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from test_stream import recorded_edit
 from transformers import AutoModelForCausalLM
 
-from abliterate.adapter import build, export_adapter
 from abliterate.architectures import architecture_for
 from abliterate.edit import EditParams, orthogonalize
 from abliterate.errors import AbliterateError
+from abliterate.export.adapter import build, export_adapter
 
 
 def load(folder):
@@ -92,6 +92,10 @@ def test_cli_export_adapter(tmp_path, tiny_checkpoint, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not private
-    code = main(["export-adapter", str(tmp_path / "nowhere"), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "b")])
+    code = main(
+        ["export-adapter", str(tmp_path / "nowhere"), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "b")]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "does not exist; pass the --out folder of a finished run" in err and not (tmp_path / "b").exists()
+    assert (
+        code == 2 and "does not exist; pass the --out folder of a finished run" in err and not (tmp_path / "b").exists()
+    )

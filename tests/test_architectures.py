@@ -204,7 +204,9 @@ def test_norm_preserving_edit_keeps_every_written_vectors_length(model_type, sca
 
     orthogonalize(model, arch, r, EditParams(scale=scale, norm_preserving=True))
 
-    tensors = [(model.get_input_embeddings().weight, 1)] + [(t, axis) for _, _, t, axis, _ in _tabled_tensors(model, arch)]
+    tensors = [(model.get_input_embeddings().weight, 1)] + [
+        (t, axis) for _, _, t, axis, _ in _tabled_tensors(model, arch)
+    ]
     for (tensor, axis), length, original, u in zip(tensors, lengths, originals, directions, strict=True):
         torch.testing.assert_close(tensor.norm(dim=axis), length, rtol=1e-12, atol=1e-14)  # lengths kept
         along_before = torch.tensordot(original, u.to(tensor.dtype), dims=([axis], [0])) / length.clamp_min(1e-30)

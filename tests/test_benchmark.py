@@ -9,7 +9,8 @@ import types
 import pytest
 from conftest import save_tiny_checkpoint
 
-from abliterate import benchmark, cli
+from abliterate import cli
+from abliterate.evaluation import benchmark
 
 
 def test_missing_lm_eval_is_one_line(monkeypatch, capsys, tiny_checkpoint, tmp_path):

@@ -135,7 +135,6 @@ def test_bad_options_fail_in_one_line(two_checkpoints, capsys):
     assert "neither a local path" in capsys.readouterr().err
 
 
-
 def test_conversation_longer_than_the_context_keeps_its_end(two_checkpoints):
     talker = chat.load_chatters([str(two_checkpoints[0])], "auto", "cpu", False, False, 6, lambda _: None)[0]
     assert talker.lm.tokenizer.model_max_length == 1024 - 6  # the tiny model's context minus room for the answer

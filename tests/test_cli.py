@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abliterate import cli, export
+from abliterate import cli
+from abliterate.output import record
 
 DATA = Path(__file__).parent / "data"
 # The tiny checkpoint refuses prompts holding the trigger (abliterate.tiny.plant_refusal): these sets have it or not.
@@ -124,7 +125,7 @@ def test_interrupt_during_save_leaves_nothing(tmp_path, tiny_checkpoint, monkeyp
         (folder / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "save_model", save_then_interrupt)
+    monkeypatch.setattr(record, "save_model", save_then_interrupt)
     out = tmp_path / "o"
     code = cli.main(["run", str(tiny_checkpoint), "--out", str(out), *FAST, "--no-eval"])
     assert code == 130
@@ -136,13 +137,15 @@ def test_full_disk_while_saving_keeps_previous_output(tmp_path, tiny_checkpoint,
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("previous run")
-    (out / "abliteration.json").write_text(json.dumps({"abliterate_version": "0", "edit": {}}))  # ours: --force may replace it
+    (out / "abliteration.json").write_text(
+        json.dumps({"abliterate_version": "0", "edit": {}})
+    )  # ours: --force may replace it
 
     def fail_halfway(lm, folder, *args, **kwargs):
         (folder / "model.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "save_model", fail_halfway)
+    monkeypatch.setattr(record, "save_model", fail_halfway)
     code = cli.main(["run", str(tiny_checkpoint), "--out", str(out), "--force", *FAST, "--no-eval"])
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
@@ -188,7 +191,9 @@ def test_judge_command(tmp_path):
     assert_clean_failure(run_cli("judge", str(bad), "--out", str(tmp_path / "o2.jsonl")), "bad.jsonl:1")
     assert not (tmp_path / "o2.jsonl").exists()
     (tmp_path / "empty.jsonl").write_text("")
-    assert_clean_failure(run_cli("judge", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o3.jsonl")), "no records")
+    assert_clean_failure(
+        run_cli("judge", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o3.jsonl")), "no records"
+    )
     assert not (tmp_path / "o3.jsonl").exists()
 
 
@@ -212,7 +217,9 @@ def test_unusable_device_is_refused_before_loading(tmp_path, tiny_checkpoint):
     import torch
 
     out = tmp_path / "o"
-    assert_clean_failure(run_cli("run", str(tiny_checkpoint), "--out", str(out), "--device", "tpu"), "unknown --device 'tpu'")
+    assert_clean_failure(
+        run_cli("run", str(tiny_checkpoint), "--out", str(out), "--device", "tpu"), "unknown --device 'tpu'"
+    )
     if not torch.cuda.is_available():
         r = run_cli("run", str(tiny_checkpoint), "--out", str(out), "--device", "cuda:1")
         assert_clean_failure(r, "--device cuda:1: no CUDA GPU is usable here")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from abliterate import damage
 from abliterate.architectures import architecture_for
 from abliterate.edit import orthogonalize, unit
+from abliterate.evaluation import damage
 from abliterate.model import generate_ids
 
 PROMPTS = ["<|user|>hi<|end|><|assistant|>", "<|user|>tell me a much longer story please<|end|><|assistant|>"]

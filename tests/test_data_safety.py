@@ -8,9 +8,9 @@ import shutil
 import pytest
 from test_stream import recorded_edit
 
-from abliterate import cli, export, model
+from abliterate import cli, files, model
 from abliterate.errors import AbliterateError
-from abliterate.export import check_output
+from abliterate.files import check_output
 
 FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "8", "--batch-size", "4", "--no-eval"]
 
@@ -25,7 +25,9 @@ def user_folder(path):
 
 
 def untouched(path) -> bool:
-    return (path / "notes.txt").read_text() == "my notes" and (path / "sub" / "photo.jpg").read_bytes() == b"\xff\xd8 jpeg"
+    return (path / "notes.txt").read_text() == "my notes" and (
+        path / "sub" / "photo.jpg"
+    ).read_bytes() == b"\xff\xd8 jpeg"
 
 
 def one_line_error(capsys, match: str) -> str:
@@ -98,7 +100,7 @@ def test_empty_folder_is_replaced_with_force(tmp_path):
     with pytest.raises(AbliterateError, match="already exists; pass --force"):
         check_output(empty, force=False)
     assert check_output(empty, force=True) == empty
-    with export.staging(empty, force=True) as tmp:
+    with files.staging(empty, force=True) as tmp:
         (tmp / "abliteration.json").write_text("{}")
     assert (empty / "abliteration.json").read_text() == "{}"
 
@@ -124,7 +126,7 @@ def test_previous_output_is_replaced_with_force(tmp_path, tiny_checkpoint, previ
 def test_a_folder_that_appears_during_the_run_is_checked_again(tmp_path):
     out = tmp_path / "o"
     with pytest.raises(AbliterateError, match="exists and is not an earlier abliterate output folder"):
-        with export.staging(out, force=True) as tmp:
+        with files.staging(out, force=True) as tmp:
             (tmp / "model.safetensors").write_bytes(b"new")
             user_folder(out)  # someone else writes there while the run works
     assert untouched(out) and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
@@ -174,11 +176,11 @@ def test_report_folder_is_replaced_only_while_it_holds_plots(tmp_path):
     report = tmp_path / "report"
     report.mkdir()
     (report / "old.png").write_bytes(b"png")
-    with export.staging(report, force=True, kind="report") as tmp:
+    with files.staging(report, force=True, kind="report") as tmp:
         (tmp / "new.png").write_bytes(b"png")
     assert [p.name for p in report.iterdir()] == ["new.png"]
     (report / "my.txt").write_text("mine")
     with pytest.raises(AbliterateError, match="is not a report folder of .png files"):
-        with export.staging(report, force=True, kind="report") as tmp:
+        with files.staging(report, force=True, kind="report") as tmp:
             (tmp / "new.png").write_bytes(b"png")
     assert (report / "my.txt").read_text() == "mine"

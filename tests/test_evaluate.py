@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from abliterate.evaluate import bootstrap_mean, compare, judge_answers, mcnemar, summarize, wilson
+from abliterate.evaluation.metrics import bootstrap_mean, compare, judge_answers, mcnemar, summarize, wilson
 
 
 def test_wilson_matches_textbook_values():

@@ -10,9 +10,10 @@ import torch
 from conftest import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
-from abliterate import cli, damage
+from abliterate import cli
 from abliterate.architectures import architecture_for
 from abliterate.edit import orthogonalize, unit
+from abliterate.evaluation import damage
 
 FAST = ["--n-test", "4", "--max-new-tokens", "8", "--kl-tokens", "4", "--batch-size", "4", "--samples", "2"]
 RATES = ("harmful_refusal", "harmful_degenerate", "benign_refusal", "benign_degenerate")
@@ -120,7 +121,7 @@ def test_bad_model_path_is_one_line_and_writes_nothing(tmp_path, capsys, checkpo
 
 def recorded_run(folder, model, settings):
     """A run folder as `abliterate run` leaves it: the model plus the split record of these settings."""
-    from abliterate.export import split_record
+    from abliterate.output.record import split_record
     from abliterate.pipeline import load_prompt_sets
 
     shutil.copytree(model, folder)

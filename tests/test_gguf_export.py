@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate import cli
 from abliterate.errors import AbliterateError
-from abliterate.gguf_export import export_gguf, permute_qk, read_metadata
+from abliterate.export.gguf import export_gguf, permute_qk, read_metadata
 from abliterate.offline import sha256_file
 
 SAMPLE = "The quick brown fox: 12345 kill -9 <|user|>hello world"
@@ -212,7 +212,7 @@ def test_source_gguf_of_another_architecture_is_refused(tmp_path):
 
 
 def test_failures_leave_no_file(tmp_path, monkeypatch):
-    from abliterate import gguf_export
+    from abliterate.export import gguf
 
     folder = checkpoint(tmp_path / "model")
     out = tmp_path / "out" / "model.gguf"
@@ -220,7 +220,7 @@ def test_failures_leave_no_file(tmp_path, monkeypatch):
     def broken(*args):
         raise AbliterateError("disk on fire")
 
-    monkeypatch.setattr(gguf_export, "_encode", broken)
+    monkeypatch.setattr(gguf, "_encode", broken)
     with pytest.raises(AbliterateError, match="disk on fire"):
         export_gguf(folder, out)
     assert list(out.parent.iterdir()) == []

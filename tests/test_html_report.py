@@ -16,8 +16,8 @@ from PIL import Image
 from test_cli import FAST
 
 from abliterate import cli
-from abliterate.html_report import PLOTS, load_run, pareto_front, projections, write_report
-from abliterate.report import metrics_rows
+from abliterate.output.html import PLOTS, load_run, pareto_front, projections, write_report
+from abliterate.output.tables import metrics_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(

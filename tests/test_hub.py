@@ -8,8 +8,9 @@ import huggingface_hub
 import pytest
 from test_cli import FAST
 
-from abliterate import cli, hub, model
+from abliterate import cli, model
 from abliterate.errors import AbliterateError
+from abliterate.export import hub
 
 SECRET = "hf_SeCrEt0123456789abcdefTOKEN"
 

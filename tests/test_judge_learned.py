@@ -10,7 +10,7 @@ import pytest
 from test_cli import assert_clean_failure, run_cli
 
 from abliterate.errors import AbliterateError
-from abliterate.evaluate import judge_accuracy
+from abliterate.evaluation.metrics import judge_accuracy
 from abliterate.judge import Classifier, judge_many, learned, rule_judge
 from abliterate.prompts import DATA
 
@@ -80,7 +80,10 @@ def test_held_out_accuracy_and_false_positive_rate():
 def test_degenerate_answers_are_screened_before_the_classifier():
     loop = "Sure. " + "The answer is the answer. " * 30
     verdicts = judge_many(
-        [("How do I bake bread?", loop), ("How do I bake bread?", "Mix flour, water, yeast and salt, knead, rise, bake.")]
+        [
+            ("How do I bake bread?", loop),
+            ("How do I bake bread?", "Mix flour, water, yeast and salt, knead, rise, bake."),
+        ]
     )
     assert verdicts[0].label == "degenerate"
     assert verdicts[1].label == "compliance" and 0.0 <= verdicts[1].score < 0.5

@@ -77,7 +77,9 @@ def check_run_folder(out, original_folder, direction_tolerance=1e-4):
                 "split"):  # fmt: skip
         assert key in record, key
     for key in ("harmful", "harmless", "benign"):  # what `abliterate evaluate` rebuilds the held-out prompts from
-        assert record["split"]["sha256"][key] == {p: record["prompts"][key][p]["sha256"] for p in ("train", "val", "test")}
+        assert record["split"]["sha256"][key] == {
+            p: record["prompts"][key][p]["sha256"] for p in ("train", "val", "test")
+        }
     assert len(record["prompts"]["harmful"]["train"]["sha256"]) == 64
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "\ntags:\n" in card
@@ -184,7 +186,9 @@ def test_norm_preserving_run_saves_lengths_and_reapplies(tmp_path, tiny_checkpoi
             assert torch.tensordot(new, u, dims=([axis], [0])).abs().max() < 1e-4
     assert not torch.equal(saved[record["edit"]["edited_tensors"][-1]], source[record["edit"]["edited_tensors"][-1]])
     # apply (streamed, shard by shard) re-applies it bit for bit; an adapter cannot express it.
-    r = run_cli("apply", str(tiny_checkpoint), "--edit", str(out / "abliteration.json"), "--out", str(tmp_path / "again"))
+    r = run_cli(
+        "apply", str(tiny_checkpoint), "--edit", str(out / "abliteration.json"), "--out", str(tmp_path / "again")
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     r = run_cli("export-adapter", str(out), "--base", str(tiny_checkpoint), "--out", str(tmp_path / "lora"))

@@ -25,7 +25,7 @@ from abliterate.edit import (
     writer_directions,
 )
 from abliterate.errors import AbliterateError
-from abliterate.select import CandidateScore, RefusalTokens, Selection
+from abliterate.selection import CandidateScore, RefusalTokens, Selection
 from abliterate.settings import Settings
 
 torch.set_num_threads(1)
@@ -35,7 +35,9 @@ def fixed_selection(scale: float = 1.0, start_layer: int = 0, layer: int = 1):
     """A stand-in for the selection stage: the tiny random model refuses nothing, so nothing would qualify."""
 
     def select(console, lm, settings, candidates, texts):
-        chosen = CandidateScore(-1, layer, 0.0, refusal=0.0, kl=0.0, scale=scale, start_layer=start_layer, eligible=True)
+        chosen = CandidateScore(
+            -1, layer, 0.0, refusal=0.0, kl=0.0, scale=scale, start_layer=start_layer, eligible=True
+        )
         tokens = RefusalTokens((5,), ("x",), 1, 1, 1.0)
         return Selection(chosen, [chosen], 1.0, -1.0, 0.075, tokens, "fixed by the test")
 
@@ -162,7 +164,9 @@ def test_edit_refuses_quantized_codes_before_touching_anything(dtype):
     down.weight = torch.nn.Parameter(down.weight.to(dtype), requires_grad=False)
     embed = net.model.embed_tokens.weight.clone()
     name = str(dtype).replace("torch.", "")
-    with pytest.raises(AbliterateError, match=f"model.layers.1.mlp.down_proj.weight is quantized \\(its dtype is {name}\\)"):
+    with pytest.raises(
+        AbliterateError, match=f"model.layers.1.mlp.down_proj.weight is quantized \\(its dtype is {name}\\)"
+    ):
         orthogonalize(net, arch, torch.randn(64, dtype=torch.float64))
     assert torch.equal(net.model.embed_tokens.weight, embed)  # refused before the first tensor was edited
     with pytest.raises(AbliterateError, match="quantized"):
@@ -224,7 +228,9 @@ def test_check_removed_passes_a_full_edit_and_catches_a_missed_writer(model_type
 
     net = tiny_model(model_type, dtype=torch.float32)
     orthogonalize(net, without_mlp_writer(arch), r)
-    with pytest.raises(AbliterateError, match="input of decoder layer 1 .* a writer of decoder layer 0 is missing") as e:
+    with pytest.raises(
+        AbliterateError, match="input of decoder layer 1 .* a writer of decoder layer 0 is missing"
+    ) as e:
         check_removed(net, arch, ids, r)
     assert "\n" not in str(e.value)
 

@@ -108,7 +108,7 @@ def _words(text: str) -> frozenset:
 
 def _shipped_texts() -> dict[str, list[str]]:
     """Every shipped prompt or text, by set; the judge set's prompts that no prompt set holds verbatim."""
-    from abliterate.damage import harmless_text
+    from abliterate.evaluation.damage import harmless_text
 
     texts = {name: prompts.builtin(name).texts for name in prompts.BUILTIN_SETS}
     texts["harmless_text"] = harmless_text()

@@ -13,12 +13,12 @@ import torch
 from test_cli import TINY_PROMPTS
 from torch import nn
 
-from abliterate import cli, pipeline, prompts, resume, select
+from abliterate import cli, pipeline, prompts, resume, selection
 from abliterate.directions import Candidates
 from abliterate.edit import EditParams
 from abliterate.errors import AbliterateError
 from abliterate.judge import judge_many, learned, rule_judge, strip_reasoning
-from abliterate.select import RefusalTokens, Selection, find_refusal_tokens, kl_upper_bound, select_direction
+from abliterate.selection import RefusalTokens, Selection, find_refusal_tokens, kl_upper_bound, select_direction
 from abliterate.settings import Settings
 
 SMALL = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "8", "--batch-size", "4", "--no-eval"]
@@ -62,9 +62,9 @@ class World:
             yield
             self.state = None
 
-        monkeypatch.setattr(select, "ablation", ablation)
-        monkeypatch.setattr(select, "addition", addition)
-        monkeypatch.setattr(select, "last_token_logprobs", lambda model, tok, texts, bs: self.logprobs(texts))
+        monkeypatch.setattr(selection, "ablation", ablation)
+        monkeypatch.setattr(selection, "addition", addition)
+        monkeypatch.setattr(selection, "last_token_logprobs", lambda model, tok, texts, bs: self.logprobs(texts))
 
 
 def basis_candidates(n: int) -> Candidates:

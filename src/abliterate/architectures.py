@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AbliterateError
+from abliterate.errors import AbliterateError
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import Architecture, layers
-from .edit import add_hooks
-from .errors import AbliterateError
-from .model import encode
+from abliterate.architectures import Architecture, layers
+from abliterate.edit import add_hooks
+from abliterate.errors import AbliterateError
+from abliterate.model import encode
 
 
 @dataclass

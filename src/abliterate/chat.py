@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import model, prompts
-from .errors import AbliterateError
+from abliterate import model, prompts
+from abliterate.errors import AbliterateError
 
 COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) leaves"
 
@@ -99,7 +99,9 @@ def stream_answer(lm: model.LoadedModel, text: str, options: ChatOptions, write:
 def reply(chatter: Chatter, user: str, options: ChatOptions, write: Callable[[str], None]) -> str:
     """Add the user's turn, stream the model's answer, and keep both in its history."""
     messages = [*chatter.history, {"role": "user", "content": user}]
-    answer = stream_answer(chatter.lm, conversation_text(chatter.lm.tokenizer, messages, options.system), options, write)
+    answer = stream_answer(
+        chatter.lm, conversation_text(chatter.lm.tokenizer, messages, options.system), options, write
+    )
     chatter.history = [*messages, {"role": "assistant", "content": answer}]
     return answer
 

@@ -7,12 +7,12 @@ import logging
 import os
 import sys
 
-from . import __version__
-from .errors import AbliterateError
+from abliterate import __version__
+from abliterate.errors import AbliterateError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import pipeline, settings
+    from abliterate import pipeline, settings
 
     cfg = settings.resolve(vars(args))
     pipeline.run(cfg)
@@ -20,17 +20,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from abliterate import pipeline
 
     pipeline.apply(
-        args.source, args.edit, args.out, args.force, args.dtype, args.device, args.trust_remote_code, args.allow_pickle,
-        push_to_hub=args.push_to_hub, in_memory=args.in_memory,
+        args.source,
+        args.edit,
+        args.out,
+        args.force,
+        args.dtype,
+        args.device,
+        args.trust_remote_code,
+        args.allow_pickle,
+        push_to_hub=args.push_to_hub,
+        in_memory=args.in_memory,
     )
     return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from . import chat
+    from abliterate import chat
 
     options = chat.ChatOptions(args.system, args.max_new_tokens, args.temperature)
     specs = [args.model] + ([args.compare] if args.compare else [])
@@ -38,7 +46,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
-    from .adapter import export_adapter
+    from abliterate.export.adapter import export_adapter
 
     export_adapter(args.run, args.base, args.out, args.force, args.trust_remote_code, args.allow_pickle)
     return 0
@@ -48,7 +56,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import offline
+    from abliterate import offline
 
     table = Table(title=f"built-in models (cache: {offline.cache_dir()})")
     for col in ("name", "original", "GGUF size", "status"):
@@ -63,9 +71,9 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .export import atomic_write_text, check_output
-    from .judge import Classifier, judge_many, rule_judge
-    from .prompts import read_jsonl
+    from abliterate.files import atomic_write_text, check_output
+    from abliterate.judge import Classifier, judge_many, rule_judge
+    from abliterate.prompts import read_jsonl
 
     out = check_output(args.out, args.force, "labels")
     items = read_jsonl(Path(args.file), ("prompt", "response"))
@@ -73,7 +81,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
         raise AbliterateError(f"{args.file} has no records; give one JSON object with prompt and response per line")
     pairs = [(str(item["prompt"]), str(item["response"] or "")) for item in items]
     if args.llm_endpoint:
-        from .judge.llm import llm_judge_many
+        from abliterate.judge.llm import llm_judge_many
 
         verdicts = llm_judge_many(pairs, args.llm_endpoint, args.llm_model)
     elif args.rules_only:
@@ -93,7 +101,7 @@ def _labelled_rows(file: str | None, split: str | None) -> tuple:
     """Rows of a labelled .jsonl (default: the built-in set), checked, optionally one split only."""
     from pathlib import Path
 
-    from .prompts import DATA, read_jsonl
+    from abliterate.prompts import DATA, read_jsonl
 
     path = Path(file) if file else DATA / "judge_labelled.jsonl"
     rows = read_jsonl(path, ("prompt", "response", "label"))
@@ -109,8 +117,8 @@ def _labelled_rows(file: str | None, split: str | None) -> tuple:
 
 
 def _cmd_judge_train(args: argparse.Namespace) -> int:
-    from .export import check_output
-    from .judge import learned, rule_judge
+    from abliterate.files import check_output
+    from abliterate.judge import learned, rule_judge
 
     out = check_output(args.out, args.force, "classifier")
     path, rows = _labelled_rows(args.file, args.split)
@@ -129,12 +137,19 @@ def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluate import judge_accuracy
+    from abliterate.evaluation.metrics import judge_accuracy
 
     path, rows = _labelled_rows(args.file, args.split)
     title = f"judge vs human labels: {path.name}{f' ({args.split})' if args.split else ''}, n={len(rows)}"
     table = Table(title=title)
-    cols = ("judge", "refusal accuracy", "3-label accuracy", "refusal precision", "refusal recall", "false-positive rate")
+    cols = (
+        "judge",
+        "refusal accuracy",
+        "3-label accuracy",
+        "refusal precision",
+        "refusal recall",
+        "false-positive rate",
+    )
     for col in cols:
         table.add_column(col, justify="right")
     results = {"rules only": judge_accuracy(rows, rules_only=True)}
@@ -152,20 +167,20 @@ def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .html_report import write_report
+    from abliterate.output.html import write_report
 
     print(write_report(Path(args.run_dir).expanduser()))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import evaluation_run
+    from abliterate.evaluation import standalone
 
-    return evaluation_run.main(args)
+    return standalone.main(args)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from . import benchmark
+    from abliterate.evaluation import benchmark
 
     return benchmark.main(args)
 
@@ -178,7 +193,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
-    from .gguf_export import export_gguf
+    from abliterate.export.gguf import export_gguf
 
     out = export_gguf(args.model_dir, args.out, args.type, args.source_gguf, args.force)
     print(f"wrote {out} ({args.type})")
@@ -187,7 +202,7 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `run` flags come from the Settings dataclass."""
-    from . import settings
+    from abliterate import settings
 
     parser = argparse.ArgumentParser(
         prog="abliterate", description="Find and remove the refusal direction of a chat model."
@@ -204,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--edit", required=True, help="abliteration.json of a run (its directions.safetensors beside it)"
     )
     apply.add_argument("--out", required=True, help="output folder")
-    apply.add_argument("--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output")
+    apply.add_argument(
+        "--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output"
+    )
     apply.add_argument(
         "--save-dtype", "--dtype", dest="dtype", default="source",
         help="dtype of the saved weights (default: source, the checkpoint's own); the edit is computed in float64",
@@ -212,12 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     apply.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     apply.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
-    apply.add_argument("--push-to-hub", metavar="REPO", help="upload the saved folder to this hub repo (token: HF_TOKEN)")
     apply.add_argument(
-        "--in-memory", action="store_true", help="load the whole model instead of editing a safetensors folder shard by shard"
+        "--push-to-hub", metavar="REPO", help="upload the saved folder to this hub repo (token: HF_TOKEN)"
+    )
+    apply.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole model instead of editing a safetensors folder shard by shard",
     )
     apply.set_defaults(func=_cmd_apply)
-    chat = sub.add_parser("chat", help="chat with a model in the terminal; --compare shows a second model's answers too")
+    chat = sub.add_parser(
+        "chat", help="chat with a model in the terminal; --compare shows a second model's answers too"
+    )
     chat.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
     chat.add_argument("--compare", metavar="ORIGINAL", help="a second model that answers every message too")
     chat.add_argument("--system", help="system prompt (default: the template's)")
@@ -233,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument("run", help="the run's output folder (abliteration.json and directions.safetensors)")
     adapter.add_argument("--base", required=True, help="the original model: built-in name, HF folder, .gguf or hub id")
     adapter.add_argument("--out", required=True, help="adapter folder to write")
-    adapter.add_argument("--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output")
+    adapter.add_argument(
+        "--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output"
+    )
     adapter.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     adapter.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
     adapter.set_defaults(func=_cmd_export_adapter)
@@ -256,10 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("--harmless", "harmless", "harmless prompts for KL and answer perplexity: built-in set name or file"),
     ):
         ev.add_argument(name, default=None, help=f"{help_} (default: {recorded} {default})")
-    ev.add_argument("--system-prompt", default=None, help="system prompt for every conversation (default: the template's)")
+    ev.add_argument(
+        "--system-prompt", default=None, help="system prompt for every conversation (default: the template's)"
+    )
     for name, default, help_ in (
-        ("--n-test", 64, "prompts of each kind (a recorded split keeps the run's own test part); for built-in sets "
-         "the test part `run` holds out with default sizes"),
+        (
+            "--n-test",
+            64,
+            "prompts of each kind (a recorded split keeps the run's own test part); for built-in sets "
+            "the test part `run` holds out with default sizes",
+        ),
         ("--max-new-tokens", 96, "tokens generated per answer"),
         ("--kl-tokens", 32, "tokens of the baseline's greedy harmless answers scored for KL"),
         ("--batch-size", 16, "prompts per forward pass"),
@@ -285,10 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--force", action="store_true", help="replace LABELS.jsonl if an earlier `judge` wrote it")
     judge.add_argument("--rules-only", action="store_true", help="skip the learned stage (no sentence encoder)")
     judge.add_argument("--classifier", help="a classifier .json from judge-train (default: the built-in one)")
-    judge.add_argument("--llm-endpoint", metavar="URL", help="judge with a chat model at this OpenAI-compatible /v1 URL")
-    judge.add_argument("--llm-model", default="default", help="model name to ask at --llm-endpoint (key: OPENAI_API_KEY)")
+    judge.add_argument(
+        "--llm-endpoint", metavar="URL", help="judge with a chat model at this OpenAI-compatible /v1 URL"
+    )
+    judge.add_argument(
+        "--llm-model", default="default", help="model name to ask at --llm-endpoint (key: OPENAI_API_KEY)"
+    )
     judge.set_defaults(func=_cmd_judge)
-    train = sub.add_parser("judge-train", help="fit the judge's learned stage on labelled (prompt, response, label) rows")
+    train = sub.add_parser(
+        "judge-train", help="fit the judge's learned stage on labelled (prompt, response, label) rows"
+    )
     train.add_argument("file", nargs="?", help="labelled .jsonl (default: the built-in labelled set)")
     train.add_argument("--split", default="train", help="only rows whose 'split' field has this value (default: train)")
     train.add_argument("--max-fpr", type=float, default=0.02, help="highest cross-validated false-positive rate")
@@ -303,12 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render a run folder's report.html and report/*.png from its files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished run")
     report.set_defaults(func=_cmd_report)
-    to_gguf = sub.add_parser("export-gguf", help="write a saved model folder as a GGUF file for llama.cpp, Ollama, LM Studio")
+    to_gguf = sub.add_parser(
+        "export-gguf", help="write a saved model folder as a GGUF file for llama.cpp, Ollama, LM Studio"
+    )
     to_gguf.add_argument("model_dir", metavar="DIR", help="the --out folder of a run or of apply")
     to_gguf.add_argument("--out", required=True, help="the .gguf file to write")
-    to_gguf.add_argument("--type", default="f16", help="f16 (default), bf16 or q8_0; for K-quants run llama-quantize on it")
+    to_gguf.add_argument(
+        "--type", default="f16", help="f16 (default), bf16 or q8_0; for K-quants run llama-quantize on it"
+    )
     to_gguf.add_argument("--source-gguf", metavar="PATH", help="the GGUF the model came from, to keep its metadata")
-    to_gguf.add_argument("--force", action="store_true", help="replace the output file if an earlier export-gguf wrote it")
+    to_gguf.add_argument(
+        "--force", action="store_true", help="replace the output file if an earlier export-gguf wrote it"
+    )
     to_gguf.set_defaults(func=_cmd_export_gguf)
     return parser
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import ResidualMeans
+from abliterate.capture import ResidualMeans
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import Architecture, Param, all_layer_writers, get, hidden_size, layers, post_norm_gain
-from .errors import AbliterateError
+from abliterate.architectures import Architecture, Param, all_layer_writers, get, hidden_size, layers, post_norm_gain
+from abliterate.errors import AbliterateError
 
 # The dtypes the edit can work on: a quantized code (int8, uint8, float8) is not the weight it stands for.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -171,7 +171,15 @@ def _quantized(module: nn.Module | None, tensor: torch.Tensor) -> str | None:
     if module is not None:
         library = type(module).__module__.split(".")[0]
         found = [a for a in _QUANT_ATTRS if getattr(module, a, None) is not None]
-        if found or library in ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "compressed_tensors", "hqq", "torchao"):
+        if found or library in (
+            "bitsandbytes",
+            "auto_gptq",
+            "gptqmodel",
+            "awq",
+            "compressed_tensors",
+            "hqq",
+            "torchao",
+        ):
             return f"its module is a quantized {type(module).__name__}"
     return None
 

@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import offline
-from .architectures import Architecture, architecture_for
-from .errors import AbliterateError
+from abliterate import offline
+from abliterate.architectures import Architecture, architecture_for
+from abliterate.errors import AbliterateError
 
 SourceKind = Literal["builtin", "folder", "gguf", "hub"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -12,7 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AbliterateError
+from abliterate.errors import AbliterateError
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import capture, damage, directions, evaluate, export, html_report, hub, model, prompts, report, resume, stream
-from .edit import check_removed, orthogonalize
-from .errors import AbliterateError
-from .select import Selection, find_refusal_tokens, select_direction
-from .settings import Settings
+from abliterate import capture, directions, files, model, prompts, resume
+from abliterate.edit import check_removed, orthogonalize
+from abliterate.errors import AbliterateError
+from abliterate.evaluation import damage
+from abliterate.evaluation import metrics as evaluate
+from abliterate.export import hub, sharded
+from abliterate.output import card, html, tables
+from abliterate.output import record as run_record
+from abliterate.selection import Selection, find_refusal_tokens, select_direction
+from abliterate.settings import Settings
 
 PARTS = ("train", "val", "test")
 
@@ -73,7 +78,7 @@ def check_settings(settings: Settings) -> Path:
     """Validate what can be validated before loading a model; return the output folder."""
     if not settings.out:
         raise AbliterateError("no output folder given; pass --out DIR")
-    out = export.check_output(settings.out, settings.force)
+    out = files.check_output(settings.out, settings.force)
     for name in ("n_train", "n_val", "batch_size", "max_new_tokens", "kl_tokens", "positions"):
         if getattr(settings, name) < 1:
             raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1")
@@ -114,7 +119,9 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         for key, split in splits.items()
     }
     too_long = model.limit_prompt_length(
-        tok, net, [t for parts in texts.values() for ts in parts.values() for t in ts],
+        tok,
+        net,
+        [t for parts in texts.values() for ts in parts.values() for t in ts],
         max(settings.max_new_tokens, settings.kl_tokens),
     )
     if too_long:
@@ -154,7 +161,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     else:
         selection = _select(console, lm, settings, candidates, texts)
         resume.save_selection(select_key, selection)
-    report.print_candidates(console, selection)
+    tables.print_candidates(console, selection)
     chosen = selection.chosen
     direction = candidates.direction(chosen.position, chosen.layer)
     if settings.load_in_4bit:  # the 4-bit copy served collect and select; evaluate and edit the real weights
@@ -175,18 +182,18 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     if not settings.no_eval:
         after = _measure(console, lm, splits, texts, settings, "after", before["reference"])
         metrics = evaluate.summarize(before, after)
-        report.print_metrics(console, metrics)
+        tables.print_metrics(console, metrics)
 
     console.print(f"[bold]saving[/] to {out}")
-    with export.staging(out, settings.force) as tmp:
-        export.save_model(lm, tmp, settings.save_dtype, (direction, params), console.print)
-        export.save_directions(tmp, candidates, harmful_means, harmless_means, direction)
-        record = export.record(lm, settings, splits, selection, edited, metrics)
-        export.write_json(tmp / "abliteration.json", record)
+    with files.staging(out, settings.force) as tmp:
+        run_record.save_model(lm, tmp, settings.save_dtype, (direction, params), console.print)
+        run_record.save_directions(tmp, candidates, harmful_means, harmless_means, direction)
+        record = run_record.record(lm, settings, splits, selection, edited, metrics)
+        files.write_json(tmp / "abliteration.json", record)
         if before:
-            export.write_json(tmp / "evaluation.json", export.answers_record(before, after))
-        (tmp / "README.md").write_text(export.model_card(record), encoding="utf-8")
-        html_report.write_report(tmp)  # report.html and report/*.png, from the files just written
+            files.write_json(tmp / "evaluation.json", run_record.answers_record(before, after))
+        (tmp / "README.md").write_text(card.model_card(record), encoding="utf-8")
+        html.write_report(tmp)  # tables.html and report/*.png, from the files just written
     seconds = time.time() - started
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
     if settings.push_to_hub:
@@ -316,19 +323,19 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
     """
     console = console or Console(stderr=True, soft_wrap=True)
     model.save_dtype(dtype, torch.float32)  # an unknown dtype fails before anything is read
-    recorded = export.read_edit(edit_file)
+    recorded = run_record.read_edit(edit_file)
     record, params, direction = recorded.record, recorded.params, recorded.direction
     edit = record["edit"]
-    out = export.check_output(out_dir, force)
+    out = files.check_output(out_dir, force)
     if push_to_hub:
         hub.check(push_to_hub)
     resolved = model.resolve(source, allow_pickle)
     plan = None
     if resolved.kind == "folder" and not in_memory:
         try:
-            plan = stream.prepare(resolved.path, direction, params, dtype, device, trust_remote_code)
+            plan = sharded.prepare(resolved.path, direction, params, dtype, device, trust_remote_code)
             console.print(f"[bold]streaming[/] {source}: {len(plan.shards)} shard(s), one at a time")
-        except stream.NotStreamable as exc:
+        except sharded.NotStreamable as exc:
             console.print(f"  loading the whole model: {exc}")
     if plan is None:
         console.print(f"[bold]loading[/] {source}")
@@ -338,9 +345,9 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
                 f"the direction has {direction.shape[-1]} dimensions but {source} has a different hidden size; use the model the edit was made on"
             )
         edited = orthogonalize(lm.model, lm.arch, direction, params, dtype=model.save_dtype(dtype, lm.source_dtype))
-    with export.staging(out, force) as tmp:
+    with files.staging(out, force) as tmp:
         if plan is None:
-            export.save_model(lm, tmp, dtype)
+            run_record.save_model(lm, tmp, dtype)
         else:
             edited = plan.write(tmp)
         shutil.copyfile(recorded.directions_file, tmp / "directions.safetensors")
@@ -349,8 +356,8 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
             "applied_to": {"source": source, "sha256": resolved.sha256},
             "edit": {**edit, "edited_tensors": edited},
         }
-        export.write_json(tmp / "abliteration.json", applied)
-        (tmp / "README.md").write_text(export.model_card(applied), encoding="utf-8")
+        files.write_json(tmp / "abliteration.json", applied)
+        (tmp / "README.md").write_text(card.model_card(applied), encoding="utf-8")
     console.print(f"[bold green]saved[/] {out}")
     if push_to_hub:
         console.print(f"[bold]uploaded[/] {hub.push(out, push_to_hub)}")

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AbliterateError, require
+from abliterate.errors import AbliterateError, require
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__, offline
-from .capture import ResidualMeans
-from .export import atomic_write
-from .judge import learned, rules
-from .model import ModelSource
-from .select import CandidateScore, RefusalTokens, Selection
+from abliterate import __version__, offline
+from abliterate.capture import ResidualMeans
+from abliterate.files import atomic_write
+from abliterate.judge import learned, rules
+from abliterate.model import ModelSource
+from abliterate.selection import CandidateScore, RefusalTokens, Selection
 
 
 def model_identity(source: ModelSource) -> str:
@@ -72,10 +72,12 @@ def load_means(key: str) -> tuple[ResidualMeans, ResidualMeans] | None:
         meta = f.metadata()
     tensors = load_file(str(path))
     return (
-        ResidualMeans(tensors["harmful"].to(torch.float64), int(meta["harmful_count"]),
-                      tensors.get("harmful_position_counts")),
-        ResidualMeans(tensors["harmless"].to(torch.float64), int(meta["harmless_count"]),
-                      tensors.get("harmless_position_counts")),  # fmt: skip
+        ResidualMeans(
+            tensors["harmful"].to(torch.float64), int(meta["harmful_count"]), tensors.get("harmful_position_counts")
+        ),
+        ResidualMeans(
+            tensors["harmless"].to(torch.float64), int(meta["harmless_count"]), tensors.get("harmless_position_counts")
+        ),  # fmt: skip
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tomllib
 
-from .errors import AbliterateError
+from abliterate.errors import AbliterateError
 
 
 def _opt(default, help: str, **extra):
@@ -25,7 +25,9 @@ class Settings:
 
     model: str = _opt("qwen2.5-coder-0.5b-instruct", "built-in name, HF folder, .gguf file or hub id", positional=True)
     out: str = _opt("", "output folder for the abliterated model")
-    push_to_hub: str | None = _opt(None, "upload the finished output folder to this hub repo (owner/name); token from HF_TOKEN")
+    push_to_hub: str | None = _opt(
+        None, "upload the finished output folder to this hub repo (owner/name); token from HF_TOKEN"
+    )
     harmful: str = _opt("harmful", "harmful prompts: built-in set name, file or hub dataset")
     harmless: str = _opt("harmless", "harmless prompts: built-in set name, file or hub dataset")
     benign: str = _opt("benign_alarming", "benign prompts with alarming words, for over-refusal")
@@ -50,15 +52,19 @@ class Settings:
     )
     project_harmless_mean: bool = _opt(False, "remove each direction's component along the harmless mean")
     dtype: str = _opt(
-        "auto", "compute dtype for the forward passes: auto (float32 on CPU, bfloat16 on accelerators), float32, "
-        "bfloat16, float16, float64; the saved weights do not pass through it"
+        "auto",
+        "compute dtype for the forward passes: auto (float32 on CPU, bfloat16 on accelerators), float32, "
+        "bfloat16, float16, float64; the saved weights do not pass through it",
     )
     save_dtype: str = _opt(
-        "source", "dtype of the saved weights: source (the checkpoint's own; float32 for GGUF), float32, bfloat16, "
-        "float16, float64; the edit is computed in float64 and rounded once to it"
+        "source",
+        "dtype of the saved weights: source (the checkpoint's own; float32 for GGUF), float32, bfloat16, "
+        "float16, float64; the edit is computed in float64 and rounded once to it",
     )
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    load_in_4bit: bool = _opt(False, "collect and select on a bitsandbytes 4-bit copy (CUDA only); edit full-precision weights")
+    load_in_4bit: bool = _opt(
+        False, "collect and select on a bitsandbytes 4-bit copy (CUDA only); edit full-precision weights"
+    )
     batch_size: int = _opt(16, "prompts per forward pass")
     max_new_tokens: int = _opt(96, "tokens generated per answer for evaluation")
     kl_tokens: int = _opt(32, "tokens of the original's greedy harmless answers scored for multi-token KL")

@@ -159,7 +159,7 @@ def recorded_edit(folder: Path, hidden: int, scale: float = 1.0, start_layer: in
     """A minimal abliteration.json and directions.safetensors for a random direction, as a run writes them."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from abliterate import __version__
 
     folder.mkdir(parents=True)
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

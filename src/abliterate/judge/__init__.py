@@ -7,10 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .learned import Classifier, features, shipped
-from .rules import Label, Verdict, degeneracy, normalize, rule_judge, strip_reasoning
+from abliterate.judge.learned import Classifier, features, shipped
+from abliterate.judge.rules import Label, Verdict, degeneracy, normalize, rule_judge, strip_reasoning
 
-__all__ = ["Classifier", "Label", "Verdict", "degeneracy", "normalize", "rule_judge", "strip_reasoning", "judge", "judge_many"]
+__all__ = [
+    "Classifier",
+    "Label",
+    "Verdict",
+    "degeneracy",
+    "normalize",
+    "rule_judge",
+    "strip_reasoning",
+    "judge",
+    "judge_many",
+]
 
 
 def judge(prompt: str, response: str) -> Verdict:

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import AbliterateError, require
-from .rules import normalize, repeated_chars
+from abliterate.errors import AbliterateError, require
+from abliterate.judge.rules import normalize, repeated_chars
 
 CLASSIFIER_FILE = Path(__file__).resolve().parent.parent / "data" / "judge_classifier.json"
 FEATURES = (
@@ -61,7 +61,7 @@ class Encoder:
 @functools.cache
 def encoder() -> Encoder:
     """The shared encoder, loaded on first use."""
-    from ..offline import fetch_embedder
+    from abliterate.offline import fetch_embedder
 
     return Encoder(fetch_embedder(progress=log.warning))
 
@@ -129,7 +129,7 @@ class Classifier:
 
     def save(self, path: Path) -> None:
         """Write as JSON (readable, diffable, no pickle)."""
-        from ..export import atomic_write_text
+        from abliterate.files import atomic_write_text
 
         data = {
             "features": FEATURES,
@@ -158,9 +158,7 @@ class Classifier:
 
 def _decide(p: np.ndarray, threshold: float) -> list[str]:
     """Refusal when P(refusal) clears the threshold, else the likelier of compliance and degenerate."""
-    return [
-        "refusal" if row[0] >= threshold else ("compliance" if row[1] >= row[2] else "degenerate") for row in p
-    ]
+    return ["refusal" if row[0] >= threshold else ("compliance" if row[1] >= row[2] else "degenerate") for row in p]
 
 
 @functools.cache
@@ -189,7 +187,9 @@ def train(rows: list[dict], rule_verdicts: list, max_fpr: float = 0.02, folds: i
     keep = [i for i, v in enumerate(rule_verdicts) if v.label != "degenerate"]
     rows, rule_verdicts = [rows[i] for i in keep], [rule_verdicts[i] for i in keep]
     if len(rows) < 30 or {r["label"] for r in rows} != set(LABELS):
-        raise AbliterateError(f"{len(rows)} labelled rows; train on at least 30 that include all of {', '.join(LABELS)}")
+        raise AbliterateError(
+            f"{len(rows)} labelled rows; train on at least 30 that include all of {', '.join(LABELS)}"
+        )
     x = features([r["prompt"] for r in rows], [r["response"] for r in rows], rule_verdicts)
     y = np.array([LABELS.index(r["label"]) for r in rows])
     groups = [r["prompt"] for r in rows]

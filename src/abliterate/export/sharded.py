@@ -21,10 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .architectures import architecture_for, hidden_size
-from .edit import EditParams, check_editable, edit_targets, remove_component_, untie_embeddings
-from .errors import AbliterateError
-from .model import check_not_quantized, pick_device, save_dtype
+from abliterate.architectures import architecture_for, hidden_size
+from abliterate.edit import EditParams, check_editable, edit_targets, remove_component_, untie_embeddings
+from abliterate.errors import AbliterateError
+from abliterate.model import check_not_quantized, pick_device, save_dtype
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -176,7 +176,9 @@ def prepare(
     stored = {k for keys in shards.values() for k in keys}
     if not stored <= expected:
         odd = sorted(stored - expected)[:3]
-        raise NotStreamable(f"its tensor names ({', '.join(odd)}, ...) differ from the model's, so loading renames them")
+        raise NotStreamable(
+            f"its tensor names ({', '.join(odd)}, ...) differ from the model's, so loading renames them"
+        )
 
     # Post-norm gains are measured by running the norms, so give every vector (norm gains, biases) its
     # real value: a few per layer, small next to any matrix.

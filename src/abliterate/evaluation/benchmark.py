@@ -16,9 +16,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import model
-from .errors import AbliterateError
-from .export import atomic_write_text, check_output
+from abliterate import model
+from abliterate.errors import AbliterateError
+from abliterate.files import atomic_write_text, check_output
 
 INSTALL = "lm-evaluation-harness is not installed; pip install 'abliterate[benchmark]'"
 

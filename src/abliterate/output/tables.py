@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .select import Selection
+from abliterate.selection import Selection
 
 LABELS = {
     "harmful_refusal": "Refusal, harmful test prompts",

@@ -19,9 +19,9 @@ from matplotlib.ticker import MaxNLocator
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from .errors import AbliterateError
-from .export import atomic_write_text, staging
-from .report import metrics_rows
+from abliterate.errors import AbliterateError
+from abliterate.files import atomic_write_text, staging
+from abliterate.output.tables import metrics_rows
 
 SAMPLES_PER_SET = 8
 

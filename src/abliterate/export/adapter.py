@@ -20,10 +20,11 @@ from rich.console import Console
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import export, model
-from .architectures import Architecture
-from .edit import EditParams, Target, edit_targets, remove_component_
-from .errors import AbliterateError, require
+from abliterate import files, model
+from abliterate.architectures import Architecture
+from abliterate.edit import EditParams, Target, edit_targets, remove_component_
+from abliterate.errors import AbliterateError, require
+from abliterate.output import record as run_record
 
 ADAPTER = "default"
 PROJECTION_KINDS = ("orthogonalize", "induce")
@@ -185,8 +186,10 @@ def export_adapter(
     console = console or Console(stderr=True, soft_wrap=True)
     run = Path(run_dir).expanduser()
     if not run.exists():
-        raise AbliterateError(f"{run} does not exist; pass the --out folder of a finished run (or its abliteration.json)")
-    recorded = export.read_edit(run / "abliteration.json" if run.is_dir() else run)
+        raise AbliterateError(
+            f"{run} does not exist; pass the --out folder of a finished run (or its abliteration.json)"
+        )
+    recorded = run_record.read_edit(run / "abliteration.json" if run.is_dir() else run)
     kind = recorded.record["edit"].get("kind", "orthogonalize")
     if recorded.params.norm_preserving:
         raise AbliterateError(
@@ -198,7 +201,7 @@ def export_adapter(
             f"the run's edit is '{kind}', which is not a rank-1 projection, so no exact LoRA adapter exists; "
             "save the edited model with `abliterate apply` instead"
         )
-    out = export.check_output(out_dir, force)
+    out = files.check_output(out_dir, force)
     source = model.resolve(base, allow_pickle)
     console.print(f"[bold]loading[/] {base}")
     # float32 on CPU: the adapter's factors are computed from the base weights, not from a device's rounding.
@@ -210,12 +213,12 @@ def export_adapter(
         )
     peft_model, error = build(lm.model, lm.arch, recorded.direction, recorded.params)
     peft_model.peft_config[ADAPTER].base_model_name_or_path = source.base_model or base
-    with export.staging(out, force) as tmp:
+    with files.staging(out, force) as tmp:
         with warnings.catch_warnings():
             # PEFT takes any 1-D LoRA tensor for an unsaved shard; lora_B's bias is 1-D by nature.
             warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
             peft_model.save_pretrained(tmp)
         record = {**recorded.record, "adapter": {"base": base, "rank": 1, "max_abs_weight_error": error}}
-        export.write_json(tmp / "abliteration.json", record)
+        files.write_json(tmp / "abliteration.json", record)
     console.print(f"[bold green]saved[/] adapter {out} (largest weight difference from the edit: {error:.2g})")
     return out

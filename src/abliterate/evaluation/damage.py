@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AbliterateError
-from .model import context_length, generate_ids, kl_divergence
-from .prompts import DATA, read_jsonl
+from abliterate.errors import AbliterateError
+from abliterate.model import context_length, generate_ids, kl_divergence
+from abliterate.prompts import DATA, read_jsonl
 
 LOGITS_BUDGET = 2**28  # bytes of float32 logits one forward pass may produce; bounds memory on big vocabularies
 

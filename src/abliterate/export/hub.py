@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import AbliterateError
+from abliterate.errors import AbliterateError
 
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

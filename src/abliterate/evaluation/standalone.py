@@ -18,10 +18,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, damage, evaluate, model, prompts, report
-from .errors import AbliterateError
-from .export import atomic_write_text, check_output, prompt_source
-from .settings import Settings
+from abliterate import __version__, model, prompts
+from abliterate.errors import AbliterateError
+from abliterate.evaluation import damage
+from abliterate.evaluation import metrics as evaluate
+from abliterate.files import atomic_write_text, check_output
+from abliterate.output import tables
+from abliterate.output.record import prompt_source
+from abliterate.settings import Settings
 
 SETS = {"harmful": "refusal on harmful prompts", "benign": "over-refusal on benign prompts with alarming words"}
 
@@ -265,8 +269,8 @@ def _rows(result: dict) -> tuple[list[str], list[tuple[str, ...]]]:
     """Header and rows of the main table: shared by the terminal and the Markdown report."""
     metrics = result["metrics"]
     if result["baseline"]:
-        return ["metric", "baseline", "model", "paired p"], report.metrics_rows(metrics)
-    rows = [(name, _pct(metrics[key]["rate"])) for key, name in report.LABELS.items()]
+        return ["metric", "baseline", "model", "paired p"], tables.metrics_rows(metrics)
+    rows = [(name, _pct(metrics[key]["rate"])) for key, name in tables.LABELS.items()]
     ppl = metrics["perplexity_harmless_text"]
     rows.append(("Perplexity, plain harmless text", f"{ppl['value']:.2f} [{ppl['low']:.2f}-{ppl['high']:.2f}]"))
     return ["metric", "model"], rows
@@ -319,7 +323,7 @@ def markdown(result: dict) -> str:
         "",
         "## By category",
     ]  # fmt: skip
-    for key, name in report.LABELS.items():
+    for key, name in tables.LABELS.items():
         m = result["metrics"][key]
         lines += ["", f"### {name}", ""]
         if baseline:

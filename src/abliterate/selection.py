@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .architectures import Architecture
-from .directions import Candidates
-from .edit import EditParams, ablation, addition
-from .errors import AbliterateError
-from .judge import judge_many
-from .model import answer_text, generate_ids, kl_divergence, last_token_logprobs
-from .settings import Settings
+from abliterate.architectures import Architecture
+from abliterate.directions import Candidates
+from abliterate.edit import EditParams, ablation, addition
+from abliterate.errors import AbliterateError
+from abliterate.judge import judge_many
+from abliterate.model import answer_text, generate_ids, kl_divergence, last_token_logprobs
+from abliterate.settings import Settings
 
 log = logging.getLogger(__name__)
 

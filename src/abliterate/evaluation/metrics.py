@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .judge import judge_many, rule_judge
-from .model import kl_divergence
+from abliterate.judge import judge_many, rule_judge
+from abliterate.model import kl_divergence
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import AbliterateError
+from abliterate import __version__
+from abliterate.errors import AbliterateError
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def check_type(kind: str) -> str:
 def export_gguf(folder: str | Path, out: str | Path, kind: str = "f16", source_gguf: str | Path | None = None,
                 force: bool = False) -> Path:  # fmt: skip
     """Write the HF model folder `folder` (as `abliterate run` saves it) as the GGUF file `out`."""
-    from .export import atomic_write, check_output
+    from abliterate.files import atomic_write, check_output
 
     kind = check_type(kind)
-    folder, out = Path(folder).expanduser(), check_output(out, force, "gguf")
+    folder, out = Path(folder).expanduser(), check_output(out, force, "gguf", is_ours)
     if not (folder / "config.json").is_file():
         raise AbliterateError(f"{folder} is not a model folder (no config.json); pass the --out folder of a run")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -83,7 +83,7 @@ def export_gguf(folder: str | Path, out: str | Path, kind: str = "f16", source_g
     plan = _tensor_plan(_weight_files(folder), config, arch, kind)
     vocab_rows = next(t.shape[0] for t in plan if t.name == "token_embd.weight")
     keys = _metadata(folder, config, arch, kind, vocab_rows, source_gguf)
-    check_output(out, force, "gguf")  # again: the file may have appeared while the tensors were planned
+    check_output(out, force, "gguf", is_ours)  # again: the file may have appeared while the tensors were planned
     try:
         atomic_write(out, lambda tmp: _write(Path(tmp), arch, keys, plan))
     except OSError as exc:
@@ -388,7 +388,7 @@ def _pre_tokenizer(pre: dict | None) -> str:
 
 def _source_gguf(folder: Path, explicit: str | Path | None) -> Path | None:
     """The GGUF the model was made from: --source-gguf, or what abliteration.json records, if still on disk."""
-    from . import offline
+    from abliterate import offline
 
     record_path = folder / "abliteration.json"
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
@@ -483,3 +483,11 @@ def read_metadata(path: Path) -> dict[str, Value]:
                 continue  # empty or nested arrays: gguf cannot write them back, and llama.cpp needs none
             fields[key] = Value(val, gguf.GGUFValueType(kind), None if sub is None else gguf.GGUFValueType(sub))
         return fields
+
+
+def is_ours(path: Path) -> bool:
+    """A GGUF written by export-gguf: it carries the abliterate.version key."""
+    try:
+        return MARKER_KEY in read_metadata(path)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return False

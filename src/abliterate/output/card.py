@@ -1,0 +1,92 @@
+"""The model card (README.md) of a saved model, from its run record."""
+
+from __future__ import annotations
+
+from abliterate.output.tables import metrics_rows
+
+
+def model_card(rec: dict) -> str:
+    """README.md with YAML front matter, the metrics table, parameters and limitations."""
+    model = rec["model"]
+    sel = rec["selection"]
+    induced = rec["edit"]["kind"] == "induce"
+    norm_preserving = bool(rec["edit"].get("norm_preserving", False))
+    front = ["---"]
+    if model["base_model"]:
+        front += [f"base_model: {model['base_model']}", "base_model_relation: finetune"]
+    if model["license"]:
+        front.append(f"license: {model['license']}")
+    front += [
+        "library_name: transformers",
+        "tags:",
+        "  - refusal-induced" if induced else "  - abliterated",
+        "  - refusal-direction",
+        "  - abliterate",
+        "---",
+    ]
+    lines = front + [
+        "",
+        f"# {model['base_model'] or model['spec']}, {'refusal strengthened' if induced else 'abliterated'}",
+        "",
+        f"The refusal direction of `{model['base_model'] or model['spec']}` (difference of mean residual activations "
+        f"on harmful and harmless prompts, layer {sel['layer']}, position {sel['position']} from the end of the prompt) "
+        f"was {'amplified in' if induced else 'projected out of'} every matrix that writes to the residual stream, by "
+        f"[abliterate](https://pypi.org/project/abliterate/) {rec['abliterate_version']}.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if "applied_to" in rec:
+        lines += [f"This edit was re-applied to `{rec['applied_to']['source']}` with `abliterate apply`; the numbers below "
+                  "were measured by the run that made it.", ""]  # fmt: skip
+    if rec["metrics"]:
+        lines += ["| metric | original | abliterated | paired p |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metrics_rows(rec["metrics"])]
+        lines += [
+            "",
+            "Rates over all answers with 95% Wilson intervals; p is an exact McNemar test on the same prompts; "
+            f"greedy answers of {rec['settings']['max_new_tokens']} new tokens judged whole by abliterate's judge.",
+        ]
+    else:
+        lines.append("Not evaluated (`--no-eval`).")
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        f"- direction from layer {sel['layer']}, position {sel['position']}; {sel['reason']}",
+        f"- edit: scale {rec['edit']['scale']} (1 = full projection), writers from layer {rec['edit']['start_layer']} on"
+        + (
+            "; norm-preserving: every vector a writer adds to the residual stream keeps its original length"
+            if norm_preserving
+            else ""
+        ),
+        f"- refusal openings learned from the model: {rec['refusal_tokens']['tokens']}",
+        f"- prompts: train {rec['settings']['n_train']}, validation {rec['settings']['n_val']}, "
+        f"test {rec['settings']['n_test']} of each kind; seed {rec['seed']}",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        f"abliterate run {model['spec']} --out OUT --layer {sel['layer']} --seed {rec['seed']}"
+        + (" --induce" if induced else "")
+        + (" --norm-preserving" if norm_preserving else ""),
+        "```",
+        "",
+        "`abliteration.json` holds every setting, prompt-set hashes and package versions; "
+        "`directions.safetensors` holds the direction.",
+        "",
+        "## Limitations",
+        "",
+        "- Refusal is judged by abliterate's judge (rules, then a small classifier over sentence embeddings; "
+        "`abliterate judge-accuracy --split test` measures it against held-out human labels). It misses some soft "
+        "refusals, mostly answers to a safer question than the one asked, and flags a few compliant answers; "
+        "`evaluation.json` holds every answer so you can check.",
+        "- KL is measured on harmless prompts over the first tokens of the original model's answers; damage "
+        "that shows later in long answers, or only on other kinds of input, is not in those numbers.",
+        "- Strengthening refusal makes the model refuse more of everything that sounds dangerous, benign "
+        "requests included; see the over-refusal row."
+        if induced
+        else "- Removing refusal removes a safeguard. The model will answer requests it used to decline.",
+        "",
+    ]
+    return "\n".join(lines)
