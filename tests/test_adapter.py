@@ -11,13 +11,13 @@ import torch
 from conftest import VOCAB, save_tiny_checkpoint, tiny_model
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_stream import recorded_edit
 from transformers import AutoModelForCausalLM
 
 from abliterate.architectures import architecture_for
 from abliterate.edit import EditParams, orthogonalize
 from abliterate.errors import AbliterateError
 from abliterate.export.adapter import build, export_adapter
+from abliterate.tiny import recorded_edit
 
 
 def load(folder):

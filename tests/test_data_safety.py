@@ -6,11 +6,11 @@ import json
 import shutil
 
 import pytest
-from test_stream import recorded_edit
 
 from abliterate import cli, files, model
 from abliterate.errors import AbliterateError
 from abliterate.files import check_output
+from abliterate.tiny import recorded_edit
 
 FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "8", "--batch-size", "4", "--no-eval"]
 

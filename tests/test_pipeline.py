@@ -11,10 +11,11 @@ from conftest import VOCAB
 from safetensors.torch import load_file
 from test_cli import FAST, run_cli
 from test_edit import residual_streams
-from test_stream import all_tensors, recorded_edit
+from test_stream import all_tensors
 
 from abliterate.architectures import architecture_for
 from abliterate.edit import EditParams, ablation
+from abliterate.tiny import recorded_edit
 
 WRITER = re.compile(r"model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$")
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import VOCAB, save_tiny_checkpoint, tiny_model
 from safetensors.torch import load_file
-from test_stream import recorded_edit
 
 from abliterate import edit as edit_module
 from abliterate import model, pipeline
@@ -27,6 +26,7 @@ from abliterate.edit import (
 from abliterate.errors import AbliterateError
 from abliterate.selection import CandidateScore, RefusalTokens, Selection
 from abliterate.settings import Settings
+from abliterate.tiny import recorded_edit
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
-from abliterate import __version__, pipeline
+from abliterate import pipeline
+from abliterate.tiny import recorded_edit
 
 
 def sharded_checkpoint(folder, model_type: str, **overrides):
@@ -18,31 +19,6 @@ def sharded_checkpoint(folder, model_type: str, **overrides):
     model.save_pretrained(folder, max_shard_size="40KB")
     tiny_tokenizer().save_pretrained(folder)
     return folder
-
-
-def recorded_edit(folder, hidden: int, scale: float = 1.0, start_layer: int = 0, seed: int = 0):
-    """A minimal abliteration.json and directions.safetensors, as a run writes them."""
-    folder.mkdir(parents=True)
-    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    save_file({"direction": direction / direction.norm()}, str(folder / "directions.safetensors"))
-    record = {
-        "abliterate_version": __version__,
-        "model": {"spec": "tiny", "base_model": None, "license": None},
-        "selection": {"layer": 1, "position": -1, "reason": "test"},
-        "settings": {"n_train": 1, "n_val": 1, "n_test": 1, "max_new_tokens": 1},
-        "refusal_tokens": {"tokens": []},
-        "seed": 0,
-        "metrics": {},
-        "edit": {
-            "kind": "induce" if scale < 0 else "orthogonalize",
-            "direction_file": "directions.safetensors",
-            "direction_key": "direction",
-            "scale": scale,
-            "start_layer": start_layer,
-        },
-    }
-    (folder / "abliteration.json").write_text(json.dumps(record))
-    return folder / "abliteration.json"
 
 
 def all_tensors(folder) -> dict[str, torch.Tensor]:
