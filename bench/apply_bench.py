@@ -41,7 +41,7 @@ def make_model(folder: Path, n_layers: int) -> Path:
 def child(mode: str, folder: Path) -> None:
     from rich.console import Console
 
-    from abliterate import pipeline
+    from abliterate.apply import apply as apply_edit
 
     if mode == "baseline":
         import torch
@@ -51,7 +51,7 @@ def child(mode: str, folder: Path) -> None:
             AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder / "model"))
     else:
         quiet = Console(file=open("/dev/null", "w"))
-        pipeline.apply(str(folder / "model"), str(folder / "run" / "abliteration.json"), str(folder / mode),
+        apply_edit(str(folder / "model"), str(folder / "run" / "abliteration.json"), str(folder / mode),
                        in_memory=mode == "memory", console=quiet)  # fmt: skip
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
     status = Path("/proc/self/status").read_text()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from abliterate import edit as edit_module
 from abliterate import model, pipeline
+from abliterate.apply import apply as apply_edit
 from abliterate.architectures import ARCHITECTURES, architecture_for, layers
 from abliterate.edit import (
     EditParams,
@@ -108,7 +109,7 @@ def test_unknown_save_dtype_is_refused_before_loading(tmp_path):
 def test_apply_edits_the_source_in_float64_and_rounds_once(tmp_path, in_memory):
     source = save_tiny_checkpoint(tmp_path / "source")
     edit = recorded_edit(tmp_path / "run", 64, 0.8)
-    out = pipeline.apply(str(source), str(edit), str(tmp_path / "out"), dtype="bfloat16", in_memory=in_memory)
+    out = apply_edit(str(source), str(edit), str(tmp_path / "out"), dtype="bfloat16", in_memory=in_memory)
     saved = load_file(str(out / "model.safetensors"))
     stored = load_file(str(source / "model.safetensors"))
     direction = load_file(str(edit.parent / "directions.safetensors"))["direction"]
@@ -145,7 +146,7 @@ def test_pre_quantized_checkpoint_is_refused_at_load(tmp_path, method):
     assert "\n" not in str(info.value)
     edit = recorded_edit(tmp_path / "run", 64)
     with pytest.raises(AbliterateError, match=f"pre-quantized checkpoint \\({method}\\)"):
-        pipeline.apply(str(folder), str(edit), str(tmp_path / "out"))
+        apply_edit(str(folder), str(edit), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
-from abliterate import pipeline
+from abliterate.apply import apply as apply_edit
 from abliterate.tiny import recorded_edit
 
 
@@ -43,8 +43,8 @@ def test_streamed_apply_equals_in_memory_bit_for_bit(tmp_path, model_type, overr
     shards = list(source.glob("model-*.safetensors"))
     assert len(shards) >= 8 and (source / "model.safetensors.index.json").is_file()
     edit = recorded_edit(tmp_path / "run", 64, scale, start_layer)
-    memory = pipeline.apply(str(source), str(edit), str(tmp_path / "memory"), dtype=dtype, in_memory=True)
-    streamed = pipeline.apply(str(source), str(edit), str(tmp_path / "streamed"), dtype=dtype)
+    memory = apply_edit(str(source), str(edit), str(tmp_path / "memory"), dtype=dtype, in_memory=True)
+    streamed = apply_edit(str(source), str(edit), str(tmp_path / "streamed"), dtype=dtype)
 
     assert sorted(p.name for p in streamed.glob("model-*.safetensors")) == sorted(p.name for p in shards)
     original, expected, got = all_tensors(source), all_tensors(memory), all_tensors(streamed)
@@ -71,8 +71,8 @@ def test_single_file_stream_writes_the_same_bytes_as_save_pretrained(tmp_path):
     tiny_model("llama", dtype=torch.float32).save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     edit = recorded_edit(tmp_path / "run", 64)
-    memory = pipeline.apply(str(source), str(edit), str(tmp_path / "memory"), in_memory=True)
-    streamed = pipeline.apply(str(source), str(edit), str(tmp_path / "streamed"))
+    memory = apply_edit(str(source), str(edit), str(tmp_path / "memory"), in_memory=True)
+    streamed = apply_edit(str(source), str(edit), str(tmp_path / "streamed"))
     assert (streamed / "model.safetensors").read_bytes() == (memory / "model.safetensors").read_bytes()
 
 
@@ -91,7 +91,7 @@ def test_renamed_checkpoint_falls_back_to_loading(tmp_path):
     index_file.write_text(json.dumps(index))
     edit = recorded_edit(tmp_path / "run", 64)
     console = Console(file=open(tmp_path / "log.txt", "w"), width=200)
-    pipeline.apply(str(source), str(edit), str(tmp_path / "out"), console=console)
+    apply_edit(str(source), str(edit), str(tmp_path / "out"), console=console)
     console.file.close()
     log = (tmp_path / "log.txt").read_text()
     assert "loading the whole model" in log and "differ from the model's" in log
@@ -104,7 +104,7 @@ def test_wrong_hidden_size_is_one_clear_error(tmp_path):
     source = sharded_checkpoint(tmp_path / "source", "llama")
     edit = recorded_edit(tmp_path / "run", 32)
     with pytest.raises(AbliterateError, match="hidden size"):
-        pipeline.apply(str(source), str(edit), str(tmp_path / "out"))
+        apply_edit(str(source), str(edit), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -118,7 +118,7 @@ def test_streamed_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     tiny_model("llama", dtype=torch.bfloat16, tie_word_embeddings=True).save_pretrained(source, max_shard_size="40KB")
     tiny_tokenizer().save_pretrained(source)
     edit = recorded_edit(tmp_path / "run", 64, 0.8)
-    streamed = all_tensors(pipeline.apply(str(source), str(edit), str(tmp_path / "streamed")))
+    streamed = all_tensors(apply_edit(str(source), str(edit), str(tmp_path / "streamed")))
     # The reference: the bfloat16 source edited in float64 and rounded once back to bfloat16, never through
     # the CPU's float32 compute dtype.
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from abliterate import __version__
+from abliterate.apply import apply as apply_edit
 from abliterate.errors import AbliterateError
 
 
@@ -20,9 +21,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from abliterate import pipeline
 
-    pipeline.apply(
+    apply_edit(
         args.source,
         args.edit,
         args.out,
