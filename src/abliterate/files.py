@@ -165,3 +165,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data: dict) -> None:
     """Pretty JSON, UTF-8."""
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_report_pair(out: str | None, force: bool, kind: str) -> Path | None:
+    """A --out FILE.json with its Markdown twin beside it: both checked as `kind` and `kind-md`; None without --out."""
+    if not out:
+        return None
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".json":
+        raise AbliterateError(f"--out {out} must name a .json file; the Markdown report is written beside it")
+    check_output(path.with_suffix(".md"), force, f"{kind}-md")
+    return check_output(path, force, kind)

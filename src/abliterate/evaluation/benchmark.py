@@ -18,7 +18,7 @@ from rich.table import Table
 
 from abliterate import model
 from abliterate.errors import AbliterateError
-from abliterate.files import atomic_write_text, check_output
+from abliterate.files import atomic_write_text, check_report_pair
 
 INSTALL = "lm-evaluation-harness is not installed; pip install 'abliterate[benchmark]'"
 
@@ -90,13 +90,7 @@ def run(model_spec: str, baseline_spec: str | None, tasks: list[str], limit: int
 
 
 def _check_out(out: str | None, force: bool) -> Path | None:
-    if not out:
-        return None
-    path = Path(out).expanduser()
-    if path.suffix.lower() != ".json":
-        raise AbliterateError(f"--out {out} must name a .json file; the Markdown table is written beside it")
-    check_output(path.with_suffix(".md"), force, "benchmark-md")
-    return check_output(path, force, "benchmark")
+    return check_report_pair(out, force, "benchmark")
 
 
 def _metrics(task_result: dict) -> dict[str, tuple[float, float | None]]:

@@ -22,7 +22,7 @@ from abliterate import __version__, model, prompts
 from abliterate.errors import AbliterateError
 from abliterate.evaluation import damage
 from abliterate.evaluation import metrics as evaluate
-from abliterate.files import atomic_write_text, check_output
+from abliterate.files import atomic_write_text, check_report_pair
 from abliterate.output import tables
 from abliterate.output.record import prompt_source
 from abliterate.settings import Settings
@@ -94,13 +94,7 @@ def _check(options: Options, out: str | None, force: bool) -> Path | None:
             raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1")
     if options.samples < 0:
         raise AbliterateError("--samples must not be negative")
-    if not out:
-        return None
-    path = Path(out).expanduser()
-    if path.suffix.lower() != ".json":
-        raise AbliterateError(f"--out {out} must name a .json file; the Markdown report is written beside it")
-    check_output(path.with_suffix(".md"), force, "evaluation-md")
-    return check_output(path, force, "evaluation")
+    return check_report_pair(out, force, "evaluation")
 
 
 def recorded_split(model_spec: str, split_from: str | None) -> tuple[Path, dict] | None:
