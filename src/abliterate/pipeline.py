@@ -20,10 +20,9 @@ from abliterate.evaluation import metrics as evaluate
 from abliterate.export import hub
 from abliterate.output import card, html, tables
 from abliterate.output import record as run_record
+from abliterate.prompts import PARTS
 from abliterate.selection import Selection, find_refusal_tokens, select_direction
 from abliterate.settings import Settings
-
-PARTS = ("train", "val", "test")
 
 
 @dataclass

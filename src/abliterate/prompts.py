@@ -61,6 +61,9 @@ class Split:
     test: PromptSet
 
 
+PARTS = ("train", "val", "test")  # the fields of Split, in order
+
+
 def builtin(name: str) -> PromptSet:
     """One of the sets that ship with abliterate (harmful, harmless, benign_alarming)."""
     if name not in BUILTIN_SETS:

@@ -19,7 +19,7 @@ from abliterate.directions import Candidates
 from abliterate.edit import EditParams, orthogonalize
 from abliterate.errors import AbliterateError
 from abliterate.model import LoadedModel, context_length, load, save_dtype
-from abliterate.prompts import BUILTIN_SETS
+from abliterate.prompts import BUILTIN_SETS, PARTS
 from abliterate.selection import Selection
 from abliterate.settings import Settings
 
@@ -88,9 +88,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return versions
-
-
-PARTS = ("train", "val", "test")
 
 
 def prompt_source(spec: str) -> str:
