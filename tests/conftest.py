@@ -9,14 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from abliterate.tiny import (  # noqa: F401  (re-exported for the tests)
-    CHAT_TEMPLATE,
-    VOCAB,
-    save_tiny_checkpoint,
-    tiny_config,
-    tiny_model,
-    tiny_tokenizer,
-)
+from abliterate.tiny import save_tiny_checkpoint
 
 # Tests never touch the user's cache; set ABLITERATE_TEST_CACHE to reuse downloads between sessions.
 _OWN_CACHE = None if os.environ.get("ABLITERATE_TEST_CACHE") else tempfile.mkdtemp(prefix="abliterate-test-cache-")

@@ -13,8 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
-from test_edit import residual_streams
+from helpers import residual_streams
 
 from abliterate.architectures import (
     ARCHITECTURES,
@@ -27,6 +26,7 @@ from abliterate.architectures import (
 )
 from abliterate.edit import EditParams, _resolve_weights, ablation, add_hooks, orthogonalize, unit, writer_directions
 from abliterate.errors import AbliterateError
+from abliterate.tiny import VOCAB, tiny_model
 
 torch.set_num_threads(1)  # keep CPU use light; the tiny models gain nothing from more
 

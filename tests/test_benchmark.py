@@ -7,10 +7,10 @@ import sys
 import types
 
 import pytest
-from conftest import save_tiny_checkpoint
 
 from abliterate import cli
 from abliterate.evaluation import benchmark
+from abliterate.tiny import save_tiny_checkpoint
 
 
 def test_missing_lm_eval_is_one_line(monkeypatch, capsys, tiny_checkpoint, tmp_path):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
 
 from abliterate.architectures import architecture_for
 from abliterate.capture import collect
 from abliterate.directions import difference_of_means
 from abliterate.errors import AbliterateError
+from abliterate.tiny import tiny_model, tiny_tokenizer
 
 TEXTS = [
     "<|user|>hi<|end|><|assistant|>",
@@ -55,10 +55,12 @@ def test_long_prompts_are_cut_from_the_left():
     model, tok = tiny_model("llama", dtype=torch.float64, max_position_embeddings=64), tiny_tokenizer()
     tok.padding_side, tok.truncation_side = "left", "left"
     long_prompt = "<|user|>" + "word " * 100 + "<|end|><|assistant|>"
-    assert limit_prompt_length(tok, model, [long_prompt, TEXTS[0]], reserve=16) == 1
-    batch = encode(tok, [long_prompt, TEXTS[0]], "cpu")
+    limited, too_long = limit_prompt_length(tok, model, [long_prompt, TEXTS[0]], reserve=16)
+    assert too_long == 1 and limited.model_max_length == 48
+    assert tok.model_max_length != 48  # the loaded tokenizer, saved with the model, keeps its context
+    batch = encode(limited, [long_prompt, TEXTS[0]], "cpu")
     assert batch["input_ids"].shape[1] == 48
-    assert tok.decode(batch["input_ids"][0, -2:]) == "<|end|><|assistant|>"  # the answer still starts right
+    assert limited.decode(batch["input_ids"][0, -2:]) == "<|end|><|assistant|>"  # the answer still starts right
     model(**batch)  # and fits the model's positions
 
 

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint, tiny_tokenizer
 
 from abliterate import chat, cli, model, prompts
 from abliterate.errors import AbliterateError
+from abliterate.settings import LoadOptions
+from abliterate.tiny import save_tiny_checkpoint, tiny_tokenizer
 
 OPTIONS = chat.ChatOptions(max_new_tokens=6)
 
@@ -27,7 +28,7 @@ def two_checkpoints(tmp_path_factory):
 
 
 def load(folder) -> model.LoadedModel:
-    return model.load(str(folder), device="cpu", progress=lambda _: None)
+    return model.load(str(folder), LoadOptions(device="cpu"), progress=lambda _: None)
 
 
 def greedy(lm: model.LoadedModel, text: str, n: int) -> str:
@@ -136,7 +137,7 @@ def test_bad_options_fail_in_one_line(two_checkpoints, capsys):
 
 
 def test_conversation_longer_than_the_context_keeps_its_end(two_checkpoints):
-    talker = chat.load_chatters([str(two_checkpoints[0])], "auto", "cpu", False, False, 6, lambda _: None)[0]
+    talker = chat.load_chatters([str(two_checkpoints[0])], LoadOptions(device="cpu"), 6, lambda _: None)[0]
     assert talker.lm.tokenizer.model_max_length == 1024 - 6  # the tiny model's context minus room for the answer
     chat.chat([talker], iter(["x" * 3000, "short"]), lambda _: None, OPTIONS)
     assert len(talker.history) == 4

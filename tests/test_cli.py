@@ -3,42 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAST, assert_clean_failure, run_cli
 
 from abliterate import cli
 from abliterate.output import record
-
-DATA = Path(__file__).parent / "data"
-# The tiny checkpoint refuses prompts holding the trigger (abliterate.tiny.plant_refusal): these sets have it or not.
-TINY_PROMPTS = ["--harmful", str(DATA / "tiny_harmful.txt"), "--harmless", str(DATA / "tiny_harmless.txt")]
-FAST = ["--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "8", "--batch-size", "4", *TINY_PROMPTS]
-
-
-def run_cli(*args, env=None, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "abliterate.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        timeout=600,
-    )
-
-
-def assert_clean_failure(result, match):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert match in lines[0], lines[0]
 
 
 def write_gguf(path):
@@ -198,7 +173,7 @@ def test_judge_command(tmp_path):
 
 
 def test_model_code_runs_only_with_the_flag(tmp_path):
-    from conftest import save_tiny_checkpoint
+    from abliterate.tiny import save_tiny_checkpoint
 
     folder = save_tiny_checkpoint(tmp_path / "custom")
     config = json.loads((folder / "config.json").read_text())
@@ -229,8 +204,9 @@ def test_unusable_device_is_refused_before_loading(tmp_path, tiny_checkpoint):
 def _overflowing_checkpoint(folder, scale):
     """A tiny model whose activations exceed float16's range when the embeddings are scaled up."""
     import torch
-    from conftest import save_tiny_checkpoint
     from safetensors.torch import load_file, save_file
+
+    from abliterate.tiny import save_tiny_checkpoint
 
     save_tiny_checkpoint(folder)
     weights = load_file(str(folder / "model.safetensors"))

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
 
 from abliterate.architectures import architecture_for
 from abliterate.edit import orthogonalize, unit
 from abliterate.evaluation import damage
 from abliterate.model import generate_ids
+from abliterate.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["<|user|>hi<|end|><|assistant|>", "<|user|>tell me a much longer story please<|end|><|assistant|>"]
 
@@ -40,7 +40,7 @@ def test_kl_zero_for_same_model_and_matches_hand_computation(pair):
     assert [len(a) for a in ref.answer_ids] == [6, 6]  # random tiny model never says EOS in 6 tokens
     same = damage.answer_kl(original, ref, batch_size=2)
     assert max(max(k) for k in same) < 1e-9
-    got = damage.measure(edited, tok, ref, ["A short plain paragraph about bread."], batch_size=2)["answer_kl"]
+    got = damage.measure(edited, tok, ref, ["A short plain paragraph about bread."], batch_size=2).answer_kl
     for i, (p, a) in enumerate(zip(ref.prompt_ids, ref.answer_ids)):
         seq = p + a
         lp, lq = full_logprobs(original, seq), full_logprobs(edited, seq)

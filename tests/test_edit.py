@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from helpers import residual_streams
 
-from abliterate.architectures import architecture_for, layers
-from abliterate.edit import EditParams, ablation, add_hooks, orthogonalize, unit
+from abliterate.architectures import architecture_for
+from abliterate.edit import EditParams, ablation, orthogonalize, unit
+from abliterate.tiny import VOCAB, tiny_model
 
 TYPES = ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt2"]
-
-
-def residual_streams(model, arch, input_ids):
-    """Residual stream at the input of every layer and after the last one."""
-    seen = []
-    blocks = layers(model, arch)
-    pre = [(b, lambda m, a, k: seen.append(a[0] if a else k["hidden_states"])) for b in blocks]
-    post = [(blocks[-1], lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))]
-    with add_hooks(pre, post):
-        model(input_ids=input_ids)
-    return seen
 
 
 @pytest.mark.parametrize("model_type", TYPES)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
 import pytest
 import torch
 
-from abliterate.evaluation.metrics import bootstrap_mean, compare, judge_answers, mcnemar, summarize, wilson
+from abliterate.evaluation.answers import judge_answers
+from abliterate.evaluation.damage import Damage
+from abliterate.evaluation.measure import Measurement, rate_change, summarize
+from abliterate.evaluation.metrics import Metrics
+from abliterate.evaluation.stats import bootstrap_mean, mcnemar, wilson
 
 
 def test_wilson_matches_textbook_values():
@@ -68,20 +73,48 @@ def test_summarize_counts_refusals_and_kl():
     before = judge_answers("harmful", prompts, cats, [refusal, refusal, refusal, comply])
     after = judge_answers("harmful", prompts, cats, [comply, comply, refusal, comply])
     assert before.labels == ["refusal", "refusal", "refusal", "compliance"]
-    c = compare(before, after, "refusal")
+    c = rate_change(before, after, "refusal")
     assert (c.before.k, c.after.k) == (3, 1)
     assert c.by_category["a"][0].k == 2 and c.by_category["a"][1].k == 0
     logp = torch.log_softmax(torch.randn(4, 10, generator=torch.Generator().manual_seed(0)), -1)
-    metrics = summarize(
-        {"harmful": before, "benign": before, "harmless_logprobs": logp},
-        {"harmful": after, "benign": before, "harmless_logprobs": logp.roll(1, -1)},
-    )
-    assert metrics["harmful_refusal"]["before"]["value"] == 0.75
-    assert metrics["harmful_refusal"]["after"]["value"] == 0.25
-    assert metrics["benign_refusal"]["p_value"] == 1.0
-    # KL(before || after) per prompt, averaged: computed here from the two distributions directly
     shifted = logp.roll(1, -1)
+    text = Damage([2.0, 2.2, 1.8])
+    metrics = summarize(
+        Measurement({"harmful": before, "benign": before}, logp, None, text),
+        Measurement({"harmful": after, "benign": before}, shifted, None, Damage([2.5, 2.4, 2.3])),
+    )
+    data = metrics.as_dict()  # the keys of the metrics file
+    assert data["harmful_refusal"]["before"]["value"] == 0.75
+    assert data["harmful_refusal"]["after"]["value"] == 0.25
+    assert data["benign_refusal"]["p_value"] == 1.0
+    # KL(before || after) per prompt, averaged: computed here from the two distributions directly
     expected = (logp.exp() * (logp - shifted)).sum(-1).mean().item()
     reverse = (shifted.exp() * (shifted - logp)).sum(-1).mean().item()
     assert expected > 0.1 and abs(expected - reverse) > 0.01  # so the direction is tested too
-    assert metrics["kl_first_token_harmless"]["value"] == pytest.approx(expected, rel=1e-6)
+    assert data["kl_first_token_harmless"]["value"] == pytest.approx(expected, rel=1e-6)
+    ppl = metrics.perplexity["perplexity_harmless_text"]
+    assert ppl.before.value == pytest.approx(math.exp(2.0)) and ppl.after.value == pytest.approx(math.exp(2.4))
+    assert ppl.nll_change.value == pytest.approx(0.4)  # paired: the mean of the per-text differences
+    assert "perplexity_original_answers" not in data  # neither side scored reference answers
+    # JSON and back gives the same object, and every table prints the same rows from it
+    assert Metrics.from_dict(json.loads(json.dumps(data))) == metrics
+    rows = metrics.rows()
+    assert metrics.header() == ("metric", "before", "after", "paired p") and all(len(r) == 4 for r in rows)
+    assert rows[0] == ("Refusal, harmful test prompts", "75.0% [30-95] (3/4)", "25.0% [5-70] (1/4)", "0.5")
+
+
+def test_a_model_alone_has_no_before_column_and_no_answer_perplexity():
+    prompts, cats = ["Tell me about bread."] * 2, ["x", "y"]
+    answers = judge_answers("benign", prompts, cats, ["I'm sorry, but I can't help with that.", "Bread is baked."])
+    alone = summarize(None, Measurement({"harmful": answers, "benign": answers}, None, None, Damage([1.0, 3.0])))
+    assert not alone.paired and alone.header("baseline", "model") == ("metric", "model")
+    assert [r[0] for r in alone.rows()][-1] == "Perplexity, plain harmless text" and all(
+        len(r) == 2 for r in alone.rows()
+    )
+    assert alone.rates["benign_refusal"].after.k == 1 and alone.rates["benign_refusal"].p_value is None
+    assert alone.rates["benign_refusal"].category_rows() == [
+        ("x", "1", "100.0% [21-100] (1/1)"),
+        ("y", "1", "0.0% [0-79] (0/1)"),
+    ]
+    assert alone.kl == {} and set(alone.perplexity) == {"perplexity_harmless_text"}
+    assert Metrics.from_dict(alone.as_dict()) == alone

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from abliterate import cli
 from abliterate.architectures import architecture_for
 from abliterate.edit import orthogonalize, unit
 from abliterate.evaluation import damage
+from abliterate.tiny import recorded_edit, save_tiny_checkpoint
 
 FAST = ["--n-test", "4", "--max-new-tokens", "8", "--kl-tokens", "4", "--batch-size", "4", "--samples", "2"]
 RATES = ("harmful_refusal", "harmful_degenerate", "benign_refusal", "benign_degenerate")
@@ -71,7 +72,8 @@ def test_against_baseline_writes_json_and_markdown(tmp_path, checkpoints):
     for key in ("perplexity_harmless_text", "perplexity_original_answers"):
         for side in ("before", "after"):
             assert 1 < metrics[key][side]["low"] <= metrics[key][side]["value"] <= metrics[key][side]["high"]
-    assert len(report["answers"]["harmful"]) == 4 and "baseline_answer" in report["answers"]["harmful"][0]
+    first = report["answers"]["harmful"][0]  # the fields of a run's evaluation.json: before is the baseline
+    assert len(report["answers"]["harmful"]) == 4 and {"before", "before_label", "after", "after_label"} <= set(first)
     assert len(report["samples"]["benign"]) == 2
     md = out.with_suffix(".md").read_text()
     assert "| metric | baseline | model | paired p |" in md
@@ -99,8 +101,10 @@ def test_without_baseline_reports_rates_and_text_perplexity(tmp_path, checkpoint
     assert report["baseline"] is None
     metrics = report["metrics"]
     for key in RATES:
-        check_interval(metrics[key]["rate"])
-    assert metrics["perplexity_harmless_text"]["value"] > 1
+        check_interval(metrics[key]["after"])
+        assert metrics[key]["before"] is None and metrics[key]["p_value"] is None
+    assert metrics["perplexity_harmless_text"]["after"]["value"] > 1
+    assert metrics["perplexity_harmless_text"]["before"] is None
     assert not any(key.startswith("kl_") for key in metrics)
     assert "| metric | model |" in out.with_suffix(".md").read_text()
 
@@ -121,12 +125,14 @@ def test_bad_model_path_is_one_line_and_writes_nothing(tmp_path, capsys, checkpo
 
 def recorded_run(folder, model, settings):
     """A run folder as `abliterate run` leaves it: the model plus the split record of these settings."""
-    from abliterate.output.record import split_record
+    from abliterate.output.record import load_record, split_record, write_record
     from abliterate.pipeline import load_prompt_sets
 
-    shutil.copytree(model, folder)
+    recorded_edit(folder / "edit", hidden=64)  # a record as a run writes it, given this run's split
+    record = load_record(folder / "edit")
+    shutil.copytree(model, folder, dirs_exist_ok=True)
     splits = load_prompt_sets(settings)
-    (folder / "abliteration.json").write_text(json.dumps({"split": split_record(settings, splits)}))
+    write_record(folder, replace(record, split=split_record(settings, splits)))
     return splits
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 
 import gguf
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, save_tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate import cli
 from abliterate.errors import AbliterateError
 from abliterate.export.gguf import export_gguf, permute_qk, read_metadata
 from abliterate.offline import sha256_file
+from abliterate.output.record import ModelInfo, load_record, write_record
+from abliterate.tiny import CHAT_TEMPLATE, recorded_edit, save_tiny_checkpoint
 
 SAMPLE = "The quick brown fox: 12345 kill -9 <|user|>hello world"
 QWEN2_SPLIT = (
@@ -193,12 +195,11 @@ def test_source_gguf_metadata_is_kept_except_what_the_new_file_changes(tmp_path)
     assert meta["llama.context_length"].value == 1024  # this model's config, not the source's
 
     # the run's record names the source and its hash: found without --source-gguf
-    record = {"model": {"spec": str(src), "kind": "gguf", "sha256": sha256_file(src)}}
-    (folder / "abliteration.json").write_text(json.dumps(record))
+    record = load_record(recorded_edit(tmp_path / "edit", hidden=64))  # as a run writes it, for this source
+    write_record(folder, replace(record, model=ModelInfo(str(src), "gguf", sha256=sha256_file(src))))
     assert read_metadata(export_gguf(folder, tmp_path / "rec.gguf"))["general.license"].value == "mit"
 
-    record["model"]["sha256"] = "0" * 64
-    (folder / "abliteration.json").write_text(json.dumps(record))
+    write_record(folder, replace(record, model=ModelInfo(str(src), "gguf", sha256="0" * 64)))
     with pytest.raises(AbliterateError, match="not the GGUF this model was made from"):
         export_gguf(folder, tmp_path / "bad.gguf", source_gguf=src)
     assert not (tmp_path / "bad.gguf").exists()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAST
 from PIL import Image
-from test_cli import FAST
 
 from abliterate import cli
+from abliterate.evaluation.metrics import Metrics
 from abliterate.output.html import PLOTS, load_run, pareto_front, projections, write_report
-from abliterate.output.tables import metrics_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -104,19 +104,19 @@ def test_run_writes_report_with_every_plot(run_dir):
         pixels = np.asarray(embedded.convert("L"))
         assert pixels.std() > 5  # something was drawn
     assert page.rows["samples"] == 2 * (1 + 4)  # header + 4 test prompts, harmful and benign
-    assert page.rows["metrics"] == 1 + len(metrics_rows(record["metrics"]))
+    assert page.rows["metrics"] == 1 + len(Metrics.from_dict(record["metrics"]).rows())
     assert page.scripts == 0
 
 
 def test_projection_gap_at_the_chosen_layer_is_the_mean_difference(run_dir):
     run = load_run(run_dir)
     harmful, harmless = projections(run)
-    layer, pos = run.record["selection"]["layer"], run.position
+    layer, pos = run.record.selection["layer"], run.position
     gap = harmful[layer] - harmless[layer]
     diff = run.tensors["harmful_means"][pos, layer] - run.tensors["harmless_means"][pos, layer]
     # The direction is the normalized mean difference, so the means sit |diff| apart along it.
     assert gap > 0 and gap == pytest.approx(np.linalg.norm(diff), rel=1e-4)
-    assert len(harmful) == run.record["model"]["num_layers"] + 1
+    assert len(harmful) == run.record.model.num_layers + 1
 
 
 @needs_chromium

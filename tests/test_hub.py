@@ -6,11 +6,12 @@ import logging
 
 import huggingface_hub
 import pytest
-from test_cli import FAST
+from helpers import FAST
 
 from abliterate import cli, model
 from abliterate.errors import AbliterateError
 from abliterate.export import hub
+from abliterate.tiny import recorded_edit
 
 SECRET = "hf_SeCrEt0123456789abcdefTOKEN"
 
@@ -84,22 +85,13 @@ def test_run_and_apply_upload_the_finished_folder(tmp_path, tiny_checkpoint, fak
 def test_missing_token_fails_before_loading(tmp_path, tiny_checkpoint, fake_hub, monkeypatch, capsys, command):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(model, "load", lambda *a, **k: pytest.fail("the model was loaded before the token check"))
-    edit = tmp_path / "abliteration.json"
-    edit.write_text('{"edit": {"scale": 1, "direction_file": "d.safetensors", "direction_key": "direction"}}')
-    (tmp_path / "d.safetensors").write_bytes(_direction_file())
+    edit = recorded_edit(tmp_path / "run", hidden=64)
     out = tmp_path / "o"
     extra = ["--edit", str(edit)] if command == "apply" else []
     assert cli.main([command, str(tiny_checkpoint), "--out", str(out), *extra, "--push-to-hub", "u/n"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HF_TOKEN" in err[0]
     assert not out.exists() and fake_hub.calls == []
-
-
-def _direction_file() -> bytes:
-    import torch
-    from safetensors.torch import save
-
-    return save({"direction": torch.ones(64, dtype=torch.float64)})
 
 
 def test_token_sources_and_repo_id(monkeypatch):

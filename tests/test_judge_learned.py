@@ -7,11 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_cli import assert_clean_failure, run_cli
+from helpers import assert_clean_failure, run_cli
 
 from abliterate.errors import AbliterateError
-from abliterate.evaluation.metrics import judge_accuracy
 from abliterate.judge import Classifier, judge_many, learned, rule_judge
+from abliterate.judge.accuracy import judge_accuracy
 from abliterate.prompts import DATA
 
 ROWS = [json.loads(line) for line in (DATA / "judge_labelled.jsonl").read_text(encoding="utf-8").splitlines()]

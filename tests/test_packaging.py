@@ -37,15 +37,3 @@ def test_missing_optional_library_is_one_line_naming_the_extra() -> None:
     message = str(caught.value)
     assert "\n" not in message and "abliterate[adapter]" in message and "export-adapter" in message
     assert require("json", "x", "y").dumps([1]) == "[1]"
-
-
-def test_benchmarks_import_only_the_package() -> None:
-    """bench/ builds on abliterate alone, never on the tests' helpers."""
-    import ast
-
-    for script in sorted((ROOT / "bench").glob("*.py")):
-        tree = ast.parse(script.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                assert not node.module.startswith(("conftest", "test_", "helpers")), f"{script.name}: {node.module}"
-        assert "sys.path" not in script.read_text(), script.name

@@ -3,110 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
-from conftest import VOCAB
+from helpers import FAST, check_run_folder, check_saved_weights, run_cli
 from safetensors.torch import load_file
-from test_cli import FAST, run_cli
-from test_edit import residual_streams
-from test_stream import all_tensors
 
-from abliterate.architectures import architecture_for
-from abliterate.edit import EditParams, ablation
 from abliterate.tiny import recorded_edit
-
-WRITER = re.compile(r"model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$")
-
-
-def check_saved_weights(out, original_folder, record, direction):
-    """Every saved tensor against a float64 recomputation, written out here, of the recorded edit of the original.
-
-    For a pre-norm llama-style model at scale s from layer `start`: each writer's output (o_proj and
-    down_proj rows, their biases) loses s times its component along r, so r.W' = (1 - s) r.W; the
-    embedding rows likewise when start is 0; every other tensor, writers before `start` included, is
-    unchanged, and a head that was tied to the embedding keeps the original embedding.
-    """
-    assert not record["edit"].get("norm_preserving"), "a norm-preserving edit has its own checks"
-    r = direction.double() / direction.double().norm()
-    s, start = record["edit"]["scale"], record["edit"]["start_layer"]
-    original, saved = all_tensors(original_folder), all_tensors(out)
-    if "lm_head.weight" in saved and "lm_head.weight" not in original:  # tied in the original: saved untied
-        original["lm_head.weight"] = original["model.embed_tokens.weight"]
-    assert saved.keys() == original.keys()
-    edited = set()
-    for name, w in original.items():
-        w64, writer = w.double(), WRITER.match(name)
-        if name == "model.embed_tokens.weight" and start == 0:
-            expected = w64 - s * torch.outer(w64 @ r, r)
-        elif writer and int(writer[1]) >= start and name.endswith("weight"):
-            expected = w64 - s * torch.outer(r, r @ w64)
-        elif writer and int(writer[1]) >= start:
-            expected = w64 - s * (r @ w64) * r
-        else:
-            assert torch.equal(saved[name], w), f"{name} is not edited yet changed"
-            continue
-        edited.add(name)
-        got = saved[name].double()
-        tol = 4 * torch.finfo(saved[name].dtype).eps * w64.abs().max().item()
-        torch.testing.assert_close(got, expected, rtol=0, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
-        assert not torch.equal(saved[name], w), f"{name} should be edited"
-        # the component the edit leaves along r: exactly (1 - s) times the original's
-        axis = -1 if name.startswith("model.embed_tokens") else 0
-        left, before = (got.movedim(axis, -1) @ r), (w64.movedim(axis, -1) @ r)
-        torch.testing.assert_close(left, (1 - s) * before, rtol=0, atol=tol * r.numel() ** 0.5)
-    assert edited == set(record["edit"]["edited_tensors"]), "the record lists other tensors than were edited"
-    assert any(int(WRITER.match(n)[1]) == start for n in edited if WRITER.match(n))  # start_layer is edited
-
-
-def check_run_folder(out, original_folder, direction_tolerance=1e-4):
-    """Shared checks for a finished run folder; returns (record, reloaded model).
-
-    The saved model must reproduce the original model under ablation hooks with the recorded
-    direction and edit parameters, and its weights an independent recomputation of the edit at the
-    chosen strength (check_saved_weights); a full ablation must also leave no component along the
-    direction in any layer's input.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
-                 "abliteration.json", "directions.safetensors"):  # fmt: skip
-        assert (out / name).is_file(), name
-    record = json.loads((out / "abliteration.json").read_text())
-    for key in ("model", "prompts", "settings", "selection", "edit", "metrics", "versions", "refusal_tokens", "seed",
-                "split"):  # fmt: skip
-        assert key in record, key
-    for key in ("harmful", "harmless", "benign"):  # what `abliterate evaluate` rebuilds the held-out prompts from
-        assert record["split"]["sha256"][key] == {
-            p: record["prompts"][key][p]["sha256"] for p in ("train", "val", "test")
-        }
-    assert len(record["prompts"]["harmful"]["train"]["sha256"]) == 64
-    card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "\ntags:\n" in card
-    tok = AutoTokenizer.from_pretrained(out)
-    assert tok.chat_template
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    direction = load_file(str(out / "directions.safetensors"))["direction"].double()
-    assert abs(direction.norm().item() - 1) < 1e-5
-    params = EditParams(record["edit"]["scale"], record["edit"]["start_layer"])
-    ids = torch.randint(3, min(VOCAB, reloaded.config.vocab_size), (2, 16), generator=torch.Generator().manual_seed(0))
-    original = AutoModelForCausalLM.from_pretrained(original_folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        edited_logits = reloaded(input_ids=ids).logits
-        original_logits = original(input_ids=ids).logits
-        with ablation(original, architecture_for(original), direction, params):
-            hooked_logits = original(input_ids=ids).logits
-    assert (edited_logits - original_logits).abs().max() > 1e-3  # the saved model really is edited
-    torch.testing.assert_close(edited_logits, hooked_logits, rtol=1e-3, atol=1e-3)
-    check_saved_weights(out, original_folder, record, direction)
-    if params == EditParams():
-        with torch.no_grad():
-            streams = residual_streams(reloaded, architecture_for(reloaded), ids)
-        for h in streams:
-            rel = (h.double() @ direction).abs() / h.double().norm(dim=-1)
-            assert rel.max() < direction_tolerance
-    return record, reloaded
 
 
 def test_tiny_run_end_to_end(tmp_path, tiny_checkpoint):
@@ -165,7 +68,7 @@ def test_apply_reproduces_a_run_bit_for_bit(tmp_path, tiny_checkpoint):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     r = run_cli("apply", str(tiny_checkpoint), "--edit", str(bad), "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "not a usable abliteration record" in r.stderr and not (tmp_path / "x").exists()
+    assert r.returncode == 2 and "not a usable run record" in r.stderr and not (tmp_path / "x").exists()
 
 
 def test_norm_preserving_run_saves_lengths_and_reapplies(tmp_path, tiny_checkpoint):
@@ -210,7 +113,7 @@ def test_induce_strengthens_the_direction(tmp_path, tiny_checkpoint):
 
 
 def test_in_memory_apply_saves_in_the_checkpoints_own_dtype(tmp_path, tiny_checkpoint):
-    from conftest import save_tiny_checkpoint
+    from abliterate.tiny import save_tiny_checkpoint
 
     bf16 = save_tiny_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
     run = tmp_path / "run"

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, save_tiny_checkpoint, tiny_model
 from safetensors.torch import load_file
 
 from abliterate import edit as edit_module
@@ -26,8 +25,8 @@ from abliterate.edit import (
 )
 from abliterate.errors import AbliterateError
 from abliterate.selection import CandidateScore, RefusalTokens, Selection
-from abliterate.settings import Settings
-from abliterate.tiny import recorded_edit
+from abliterate.settings import LoadOptions, Settings
+from abliterate.tiny import VOCAB, recorded_edit, save_tiny_checkpoint, tiny_model
 
 torch.set_num_threads(1)
 
@@ -142,7 +141,7 @@ def quantized_checkpoint(folder, method: str):
 def test_pre_quantized_checkpoint_is_refused_at_load(tmp_path, method):
     folder = quantized_checkpoint(tmp_path / "q", method)
     with pytest.raises(AbliterateError, match=f"pre-quantized checkpoint \\({method}\\).*unquantized") as info:
-        model.load(str(folder), device="cpu")
+        model.load(str(folder), LoadOptions(device="cpu"))
     assert "\n" not in str(info.value)
     edit = recorded_edit(tmp_path / "run", 64)
     with pytest.raises(AbliterateError, match=f"pre-quantized checkpoint \\({method}\\)"):

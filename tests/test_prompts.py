@@ -8,10 +8,10 @@ import logging
 import re
 
 import pytest
-from conftest import tiny_tokenizer
 
 from abliterate import prompts
 from abliterate.errors import AbliterateError
+from abliterate.tiny import tiny_tokenizer
 
 
 def _norm(text: str) -> str:

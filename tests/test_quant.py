@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
+from helpers import FAST, run_cli
 from safetensors.torch import load_file
-from test_cli import FAST, run_cli
 
 from abliterate import cli
 from abliterate import model as M
 from abliterate.errors import AbliterateError
+from abliterate.settings import LoadOptions
 
 has_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -38,7 +39,7 @@ def test_env_setting_is_refused_the_same_way(tmp_path, tiny_checkpoint, capsys, 
 def test_load_checks_before_resolving_the_model():
     # A missing model would be a different error: the 4-bit check comes first.
     with pytest.raises(AbliterateError, match="needs a CUDA GPU .* 'mps'"):
-        M.load("/no/such/model", device="mps", load_in_4bit=True)
+        M.load("/no/such/model", LoadOptions(device="mps"), load_in_4bit=True)
 
 
 def test_missing_bitsandbytes_names_the_extra(monkeypatch):
@@ -56,7 +57,7 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(not has_bitsandbytes, reason="needs bitsandbytes (pip install 'abliterate[quant]')")
 def test_4bit_run_edits_full_precision_weights(tmp_path, tiny_checkpoint):
-    from test_pipeline import check_run_folder
+    from helpers import check_run_folder
 
     out = tmp_path / "run"
     args = ["run", str(tiny_checkpoint), "--out", str(out), *FAST, "--device", "cuda", "--dtype", "float32"]
@@ -87,7 +88,7 @@ def test_4bit_load_asks_transformers_for_bitsandbytes_nf4_on_the_device(tiny_che
     monkeypatch.setattr(M, "pick_device", lambda device: device)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     with pytest.raises(AbliterateError, match="stop here"):
-        M.load(str(tiny_checkpoint), device="cuda", load_in_4bit=True)
+        M.load(str(tiny_checkpoint), LoadOptions(device="cuda"), load_in_4bit=True)
     quant = seen["quantization_config"]
     assert quant.load_in_4bit and not quant.load_in_8bit and quant.bnb_4bit_compute_dtype == torch.bfloat16
     assert seen["device_map"] == {"": "cuda"}

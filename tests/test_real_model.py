@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import run_cli
-from test_pipeline import check_run_folder
+from helpers import check_run_folder, run_cli
 
 from abliterate import offline
 

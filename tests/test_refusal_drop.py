@@ -14,7 +14,8 @@ import torch
 
 from abliterate import capture, directions, model, prompts
 from abliterate.edit import EditParams, orthogonalize
-from abliterate.evaluation import metrics
+from abliterate.evaluation.answers import judge_answers
+from abliterate.evaluation.stats import mcnemar
 from abliterate.selection import refusal_log_odds
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def measured():
 
     def state() -> dict:
         answers, first = _answers(lm, fmt(harmful.test))
-        judged = metrics.judge_answers("harmful", list(harmful.test.texts), ["-"] * N_TEST, answers)
+        judged = judge_answers("harmful", list(harmful.test.texts), ["-"] * N_TEST, answers)
         return {
             "judged": judged,
             "first": first,
@@ -70,7 +71,7 @@ def test_judged_refusal_drops_significantly(measured):
     was, now = before["judged"].flags("refusal"), after["judged"].flags("refusal")
     assert sum(was) >= 6, before["judged"].responses  # the model does refuse these prompts
     assert sum(now) <= sum(was) // 2, after["judged"].responses  # measured 11 -> 2
-    assert metrics.mcnemar(was, now) < 0.05
+    assert mcnemar(was, now) < 0.05
 
 
 def test_refusal_log_odds_drop_on_held_out_prompts(measured):

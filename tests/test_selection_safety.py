@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import TINY_PROMPTS
+from helpers import TINY_PROMPTS
 from torch import nn
 
 from abliterate import cli, pipeline, prompts, resume, selection
@@ -203,7 +203,7 @@ def test_identical_harmful_and_harmless_sets_stop_before_writing(tmp_path, tiny_
 
 
 def test_a_model_that_refuses_none_of_the_prompts_stops_before_writing(tmp_path, tiny_checkpoint, capsys):
-    from conftest import save_tiny_checkpoint
+    from abliterate.tiny import save_tiny_checkpoint
 
     random_model = save_tiny_checkpoint(tmp_path / "random", refuses=False)
     out = tmp_path / "o"
@@ -308,7 +308,7 @@ THINKING_TEMPLATE = (
 
 
 def test_thinking_is_off_where_the_template_has_the_switch():
-    from conftest import tiny_tokenizer
+    from abliterate.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     assert not prompts.supports_thinking(tok)

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from helpers import all_tensors
 from safetensors.torch import load_file, save_file
 
 from abliterate.apply import apply as apply_edit
-from abliterate.tiny import recorded_edit
+from abliterate.tiny import recorded_edit, tiny_model, tiny_tokenizer
 
 
 def sharded_checkpoint(folder, model_type: str, **overrides):
@@ -19,14 +19,6 @@ def sharded_checkpoint(folder, model_type: str, **overrides):
     model.save_pretrained(folder, max_shard_size="40KB")
     tiny_tokenizer().save_pretrained(folder)
     return folder
-
-
-def all_tensors(folder) -> dict[str, torch.Tensor]:
-    """Every tensor in every safetensors file of a model folder."""
-    tensors = {}
-    for file in sorted(folder.glob("model*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
 
 
 CASES = [

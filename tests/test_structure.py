@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "src" / "abliterate"
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+PKG = ROOT / "src" / "abliterate"
 
 
 def _module(path: Path) -> str:
@@ -65,3 +67,31 @@ def test_the_method_does_not_import_its_wings() -> None:
         upward = {m for m in graph[f"abliterate.{step}"] if m.startswith(("abliterate.output", "abliterate.export",
                                                                           "abliterate.evaluation", "abliterate.pipeline"))}  # fmt: skip
         assert not upward, f"{step} imports {sorted(upward)}"
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The first name of every module a file imports, lazy ones inside functions and relative ones ('.') included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            found.add(node.module.split(".")[0] if node.level == 0 and node.module else ".")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found
+
+
+def test_tests_do_not_import_each_other() -> None:
+    """Test modules share code through helpers.py only; bench/ builds on abliterate alone, never on the tests."""
+    test_files = sorted(TESTS.glob("test_*.py")) + [TESTS / "helpers.py", TESTS / "conftest.py"]
+    assert len(test_files) > 3
+    for path in test_files:
+        bad = {m for m in _top_level_imports(path) if m.startswith("test_") or m in ("conftest", "tests", ".")}
+        assert not bad, f"tests/{path.name} imports {sorted(bad)}: shared code belongs in tests/helpers.py"
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    assert scripts
+    for script in scripts:
+        bad = {
+            m for m in _top_level_imports(script) if m.startswith("test_") or m in ("conftest", "helpers", "tests", ".")
+        }
+        assert not bad, f"bench/{script.name} imports {sorted(bad)}: bench builds on the abliterate package alone"
+        assert "sys.path" not in script.read_text(encoding="utf-8"), f"bench/{script.name} edits sys.path"

@@ -12,6 +12,7 @@ import torch
 
 from abliterate import model, prompts
 from abliterate.errors import AbliterateError
+from abliterate.settings import LoadOptions
 
 COMMANDS = "/reset clears the conversation, /exit (or Ctrl-D) leaves"
 
@@ -144,14 +145,14 @@ def labels(specs: list[str]) -> list[str]:
     return names
 
 
-def load_chatters(specs: list[str], dtype: str, device: str, trust_remote_code: bool, allow_pickle: bool,
-                  max_new_tokens: int, progress: Callable[[str], None]) -> list[Chatter]:  # fmt: skip
+def load_chatters(specs: list[str], load: LoadOptions, max_new_tokens: int,
+                  progress: Callable[[str], None]) -> list[Chatter]:  # fmt: skip
     """Resolve every model first (so a typo fails fast), then load them."""
-    sources = [model.resolve(spec, allow_pickle) for spec in specs]
+    sources = [model.resolve(spec, load.allow_pickle) for spec in specs]
     chatters = []
     for label, source in zip(labels(specs), sources):
         progress(f"loading {source.spec}")
-        lm = model.load(source, dtype, device, trust_remote_code, allow_pickle, progress)
+        lm = model.load(source, load, progress)
         # Long conversations lose their oldest tokens rather than overflow the context.
         context = model.context_length(lm.model)
         if context:
@@ -175,8 +176,7 @@ def _terminal_lines() -> Iterable[str]:
             return
 
 
-def run(specs: list[str], options: ChatOptions, dtype: str = "auto", device: str = "auto",
-        trust_remote_code: bool = False, allow_pickle: bool = False, seed: int = 0) -> int:  # fmt: skip
+def run(specs: list[str], options: ChatOptions, load: LoadOptions = LoadOptions(), seed: int = 0) -> int:
     """`abliterate chat`: load the models, then converse on stdin/stdout; messages go to stderr."""
     if options.max_new_tokens < 1:
         raise AbliterateError("--max-new-tokens must be at least 1")
@@ -184,7 +184,7 @@ def run(specs: list[str], options: ChatOptions, dtype: str = "auto", device: str
         raise AbliterateError("--temperature must be 0 (greedy) or positive")
     torch.manual_seed(seed)
     to_stderr = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    chatters = load_chatters(specs, dtype, device, trust_remote_code, allow_pickle, options.max_new_tokens, to_stderr)
+    chatters = load_chatters(specs, load, options.max_new_tokens, to_stderr)
     to_stderr(f"chatting with {' and '.join(c.label for c in chatters)}; {COMMANDS}")
 
     def write(text: str) -> None:

@@ -10,6 +10,7 @@ import sys
 from abliterate import __version__
 from abliterate.apply import apply as apply_edit
 from abliterate.errors import AbliterateError
+from abliterate.settings import LoadOptions
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -28,9 +29,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         args.out,
         args.force,
         args.dtype,
-        args.device,
-        args.trust_remote_code,
-        args.allow_pickle,
+        LoadOptions.from_args(args),  # no --dtype among them: apply's --dtype is the save dtype
         push_to_hub=args.push_to_hub,
         in_memory=args.in_memory,
     )
@@ -42,13 +41,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     options = chat.ChatOptions(args.system, args.max_new_tokens, args.temperature)
     specs = [args.model] + ([args.compare] if args.compare else [])
-    return chat.run(specs, options, args.dtype, args.device, args.trust_remote_code, args.allow_pickle, args.seed)
+    return chat.run(specs, options, LoadOptions.from_args(args), args.seed)
 
 
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
     from abliterate.export.adapter import export_adapter
 
-    export_adapter(args.run, args.base, args.out, args.force, args.trust_remote_code, args.allow_pickle)
+    export_adapter(args.run, args.base, args.out, args.force, LoadOptions.from_args(args))
     return 0
 
 
@@ -101,12 +100,13 @@ def _labelled_rows(file: str | None, split: str | None) -> tuple:
     """Rows of a labelled .jsonl (default: the built-in set), checked, optionally one split only."""
     from pathlib import Path
 
+    from abliterate.judge.rules import LABELS
     from abliterate.prompts import DATA, read_jsonl
 
     path = Path(file) if file else DATA / "judge_labelled.jsonl"
     rows = read_jsonl(path, ("prompt", "response", "label"))
     for number, row in enumerate(rows, 1):
-        if row["label"] not in ("refusal", "compliance", "degenerate"):
+        if row["label"] not in LABELS:
             raise AbliterateError(
                 f"{path}: record {number} has label {row['label']!r}; use refusal, compliance or degenerate"
             )
@@ -137,7 +137,7 @@ def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from abliterate.evaluation.metrics import judge_accuracy
+    from abliterate.judge.accuracy import judge_accuracy
 
     path, rows = _labelled_rows(args.file, args.split)
     title = f"judge vs human labels: {path.name}{f' ({args.split})' if args.split else ''}, n={len(rows)}"
@@ -185,13 +185,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return benchmark.main(args)
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="auto", help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
-
-
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
     from abliterate.export.gguf import export_gguf
 
@@ -226,9 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-dtype", "--dtype", dest="dtype", default="source",
         help="dtype of the saved weights (default: source, the checkpoint's own); the edit is computed in float64",
     )  # fmt: skip
-    apply.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    apply.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
-    apply.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    settings.add_load_arguments(apply, ("device", "trust_remote_code", "allow_pickle"))
     apply.add_argument(
         "--push-to-hub", metavar="REPO", help="upload the saved folder to this hub repo (token: HF_TOKEN)"
     )
@@ -247,10 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
     chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     chat.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
-    chat.add_argument("--dtype", default="auto", help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    chat.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    chat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
-    chat.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    settings.add_load_arguments(chat)
     chat.set_defaults(func=_cmd_chat)
     adapter = sub.add_parser("export-adapter", help="save a run's edit as a PEFT LoRA adapter for the original model")
     adapter.add_argument("run", help="the run's output folder (abliteration.json and directions.safetensors)")
@@ -259,8 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument(
         "--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output"
     )
-    adapter.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
-    adapter.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
+    settings.add_load_arguments(adapter, ("trust_remote_code", "allow_pickle"))
     adapter.set_defaults(func=_cmd_export_adapter)
     models = sub.add_parser("models", help="list built-in offline models and their cache status")
     models.set_defaults(func=_cmd_models)
@@ -298,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--samples", 6, "side-by-side sample answers per prompt set in the report"),
     ):
         ev.add_argument(name, type=int, default=default, help=f"{help_} (default: {default})")
-    _add_model_flags(ev)
+    settings.add_load_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)
     bench = sub.add_parser("benchmark", help="lm-evaluation-harness tasks, original and model side by side")
     bench.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
@@ -308,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", metavar="FILE.json", help="write the results here, and FILE.md beside it")
     bench.add_argument("--force", action="store_true", help="replace result files an earlier `benchmark` wrote")
     bench.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
-    _add_model_flags(bench)
+    settings.add_load_arguments(bench)
     bench.set_defaults(func=_cmd_benchmark)
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")
     judge.add_argument("file", help=".jsonl with 'prompt' and 'response' on each line")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ from torch import nn
 from abliterate import offline
 from abliterate.architectures import Architecture, architecture_for
 from abliterate.errors import AbliterateError
+from abliterate.settings import LoadOptions
 
 SourceKind = Literal["builtin", "folder", "gguf", "hub"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -46,8 +48,7 @@ class LoadedModel:
     source: ModelSource
     arch: Architecture
     source_dtype: torch.dtype
-    trust_remote_code: bool = False  # how it was loaded, so the source can be loaded again to save the edit
-    allow_pickle: bool = False
+    options: LoadOptions = LoadOptions()  # how it was loaded, so the source can be loaded again to save the edit
 
     @property
     def device(self) -> torch.device:
@@ -118,10 +119,7 @@ def _gguf_origin(path: Path) -> tuple[str | None, str | None]:
 
 
 def _base_model_of(folder: Path) -> str | None:
-    """A folder we wrote records its base model in abliteration.json; others may name it in config."""
-    record = folder / "abliteration.json"
-    if record.is_file():
-        return json.loads(record.read_text()).get("model", {}).get("base_model")
+    """The hub id a folder's config names, if any (output.record.base_model also reads a run's record)."""
     name = json.loads((folder / "config.json").read_text()).get("_name_or_path")
     return name if name and name.count("/") == 1 and not Path(name).exists() else None
 
@@ -207,10 +205,7 @@ def _stored_dtype(folder: Path) -> torch.dtype | None:
 
 def load(
     spec: str | ModelSource,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    options: LoadOptions = LoadOptions(),
     progress: Callable[[str], None] = print,
     load_in_4bit: bool = False,
 ) -> LoadedModel:
@@ -223,6 +218,12 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    dtype, device, trust_remote_code, allow_pickle = (
+        options.dtype,
+        options.device,
+        options.trust_remote_code,
+        options.allow_pickle,
+    )
     if load_in_4bit:
         check_4bit(device)
     device = pick_device(device)
@@ -288,7 +289,7 @@ def load(
     tokenizer.padding_side = "left"  # the last prompt token sits at position -1 for every row
     tokenizer.truncation_side = "left"
     source_dtype = stored or compute_dtype
-    return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype, trust_remote_code, allow_pickle)
+    return LoadedModel(model, tokenizer, source, architecture_for(model), source_dtype, options)
 
 
 def check_4bit(device: str) -> None:
@@ -459,14 +460,18 @@ def context_length(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def limit_prompt_length(tokenizer, model: nn.Module, texts: list[str], reserve: int) -> int:
-    """Make encode() truncate prompts to the context minus `reserve` new tokens; return how many were too long."""
+def limit_prompt_length(tokenizer, model: nn.Module, texts: list[str], reserve: int) -> tuple[object, int]:
+    """A copy of the tokenizer that cuts prompts to the context minus `reserve` new tokens; how many were too long.
+
+    A copy, so the loaded tokenizer (which is saved with the model) keeps its real context.
+    """
     context = context_length(model)
     if context is None:
-        return 0
-    limit = max(8, context - reserve)
-    tokenizer.model_max_length = limit
-    return sum(len(ids) > limit for ids in tokenizer(texts, add_special_tokens=False).input_ids)
+        return tokenizer, 0
+    limited = copy.copy(tokenizer)
+    limited.model_max_length = max(8, context - reserve)
+    too_long = sum(len(ids) > limited.model_max_length for ids in limited(texts, add_special_tokens=False).input_ids)
+    return limited, too_long
 
 
 @torch.no_grad()

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import gc
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from abliterate import capture, directions, files, model, prompts, resume
-from abliterate.edit import check_removed, orthogonalize
+from abliterate.capture import ResidualMeans
+from abliterate.directions import Candidates
+from abliterate.edit import EditParams, check_removed, orthogonalize
 from abliterate.errors import AbliterateError
-from abliterate.evaluation import damage
-from abliterate.evaluation import metrics as evaluate
+from abliterate.evaluation.measure import Measurement, MeasureOptions, answer_rows, measure, summarize
+from abliterate.evaluation.metrics import Metrics
 from abliterate.export import hub
 from abliterate.output import card, html, tables
 from abliterate.output import record as run_record
+from abliterate.progress import progress_bar
 from abliterate.prompts import PARTS
 from abliterate.selection import Selection, find_refusal_tokens, select_direction
 from abliterate.settings import Settings
@@ -31,33 +32,8 @@ class RunResult:
 
     out: Path
     selection: Selection
-    metrics: dict
+    metrics: Metrics | None  # None for --no-eval runs
     seconds: float
-
-
-@contextmanager
-def progress_bar(console: Console, description: str, total: int):
-    """A progress bar with ETA; yields a function that advances it."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    started = time.time()
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-
-        def advance(n: int = 1, more: int = 0) -> None:
-            """Advance by n steps; `more` announces steps the total did not foresee."""
-            if more:
-                bar.update(task, total=bar.tasks[task].total + more)
-            bar.advance(task, n)
-
-        yield advance
-    console.print(f"  {description}: {time.time() - started:.0f} s")
 
 
 def load_prompt_sets(settings: Settings) -> dict[str, prompts.Split]:
@@ -104,94 +80,49 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     splits = load_prompt_sets(settings)
     source = model.resolve(settings.model, settings.allow_pickle)
     console.print(f"[bold]loading[/] {settings.model}")
-    lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4], settings.load_in_4bit)
-    tok, net, arch = lm.tokenizer, lm.model, lm.arch
-    thinking_off = prompts.supports_thinking(tok) and not settings.thinking
-    if thinking_off:
-        console.print("  the chat template has a reasoning block; thinking is off (--thinking keeps it on)")
-    texts = {
-        key: {
-            part: prompts.format_all(tok, getattr(split, part).texts, settings.system_prompt, settings.thinking)
-            for part in PARTS
-        }
-        for key, split in splits.items()
-    }
-    too_long = model.limit_prompt_length(
-        tok,
-        net,
-        [t for parts in texts.values() for ts in parts.values() for t in ts],
-        max(settings.max_new_tokens, settings.kl_tokens),
-    )
-    if too_long:
-        console.print(
-            f"[yellow]warning:[/] {too_long} prompts are longer than the context allows "
-            f"({tok.model_max_length} tokens with room for the answer); their beginnings are cut"
-        )
+    probe = splits["harmless"].train.texts[:4]
+    lm = _load_finite(console, source, settings, probe, settings.load_in_4bit)
+    texts = _format(console, lm, settings, splits)
+    work = _with_room_for_answers(console, lm, settings, texts)
 
-    # Each stage's result is cached under a hash of what it depends on, so reruns resume.
-    inputs = {
-        "harmful_train": splits["harmful"].train.sha256,
-        "harmless_train": splits["harmless"].train.sha256,
-        "system_prompt": settings.system_prompt,
-        "positions": settings.positions,
-        "dtype": str(next(net.parameters()).dtype),
-        "max_length": tok.model_max_length,
-        **({"load_in_4bit": True} if settings.load_in_4bit else {}),  # keeps the keys of full-precision runs
-        **({"thinking_off": True} if thinking_off else {}),  # the prompts differ only for templates with the switch
-        **({"pad_free_means": True} if settings.positions > 1 else {}),  # older caches averaged pads in here
-    }
-    means_key = resume.stage_key(lm.source, "collect", inputs)
-    cached = resume.load_means(means_key)
-    if cached:
-        harmful_means, harmless_means = cached
-        console.print("  collect residual means: resumed from the cache")
-    else:
-        harmful_means, harmless_means = _collect(
-            console, lm, settings, texts["harmful"]["train"], texts["harmless"]["train"]
-        )
-        resume.save_means(means_key, harmful_means, harmless_means)
-    candidates = directions.difference_of_means(harmful_means, harmless_means, settings.project_harmless_mean)
+    # 1-2. Collect residual means and take their differences (cached: reruns resume).
+    inputs = collect_stage_inputs(work, settings, splits)
+    resumed = lambda what: lambda: console.print(f"  {what}: resumed from the cache")  # noqa: E731
+    means = resume.cached(resume.COLLECT, lm.source, inputs, lambda: _collect(console, work, settings, texts),
+                          resumed("collect residual means"))  # fmt: skip
+    candidates = directions.difference_of_means(*means, settings.project_harmless_mean)
 
-    select_key = resume.stage_key(lm.source, "select", select_stage_inputs(inputs, splits, settings))
-    selection = resume.load_selection(select_key)
-    if selection:
-        console.print("  candidate selection: resumed from the cache")
-    else:
-        selection = _select(console, lm, settings, candidates, texts)
-        resume.save_selection(select_key, selection)
+    # 3. Select a direction and an edit strength by their effect on validation prompts (cached).
+    selection = resume.cached(resume.SELECT, lm.source, select_stage_inputs(inputs, splits, settings),
+                              lambda: _select(console, work, settings, candidates, texts),
+                              resumed("candidate selection"))  # fmt: skip
     tables.print_candidates(console, selection)
     chosen = selection.chosen
     direction = candidates.direction(chosen.position, chosen.layer)
-    if settings.load_in_4bit:  # the 4-bit copy served collect and select; evaluate and edit the real weights
-        del lm, net
-        lm = _reload_full_precision(console, source, settings, splits["harmless"].train.texts[:4])
-        tok, net, arch = lm.tokenizer, lm.model, lm.arch
-
-    before: dict = {}
-    if not settings.no_eval:
-        before = _measure(console, lm, splits, texts, settings, "before", None)
     params = replace(chosen.params, norm_preserving=settings.norm_preserving)
-    edited = orthogonalize(net, arch, direction, params)
-    if params.scale == 1.0 and params.start_layer == 0:  # a writer the table misses must fail, not weaken the edit
-        probe = [tok(t, add_special_tokens=False).input_ids[-64:] for t in texts["harmless"]["val"][:2]]
-        check_removed(net, arch, probe, direction)
-    after: dict = {}
-    metrics: dict = {}
-    if not settings.no_eval:
-        after = _measure(console, lm, splits, texts, settings, "after", before["reference"])
-        metrics = evaluate.summarize(before, after)
+    if settings.load_in_4bit:  # the 4-bit copy served collect and select; evaluate and edit the real weights
+        del lm, work
+        lm = _reload_full_precision(console, source, settings, probe)
+        work = _with_room_for_answers(console, lm, settings, texts, quiet=True)
+
+    # 4-5. Measure the original, edit its weights, measure again.
+    before = None if settings.no_eval else _measure(console, work, splits, texts, settings, "before")
+    edited = _edit(work, texts, direction, params)
+    after = None if settings.no_eval else _measure(console, work, splits, texts, settings, "after", before)
+    metrics = summarize(before, after) if after else None
+    if metrics:
         tables.print_metrics(console, metrics)
 
     console.print(f"[bold]saving[/] to {out}")
     with files.staging(out, settings.force) as tmp:
         run_record.save_model(lm, tmp, settings.save_dtype, (direction, params), console.print)
-        run_record.save_directions(tmp, candidates, harmful_means, harmless_means, direction)
+        run_record.save_directions(tmp, candidates, *means, direction)
         record = run_record.record(lm, settings, splits, selection, edited, metrics)
-        files.write_json(tmp / "abliteration.json", record)
-        if before:
-            files.write_json(tmp / "evaluation.json", run_record.answers_record(before, after))
+        run_record.write_record(tmp, record)
+        if after:
+            files.write_json(tmp / "evaluation.json", answer_rows(before, after))
         (tmp / "README.md").write_text(card.model_card(record), encoding="utf-8")
-        html.write_report(tmp)  # tables.html and report/*.png, from the files just written
+        html.write_report(tmp)  # report.html and report/*.png, from the files just written
     seconds = time.time() - started
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
     if settings.push_to_hub:
@@ -199,12 +130,69 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     return RunResult(out, selection, metrics, seconds)
 
 
+def _format(
+    console: Console, lm: model.LoadedModel, settings: Settings, splits: dict
+) -> dict[str, dict[str, list[str]]]:
+    """Every part of every prompt set in the model's chat template: texts[set][part]."""
+    if prompts.supports_thinking(lm.tokenizer) and not settings.thinking:
+        console.print("  the chat template has a reasoning block; thinking is off (--thinking keeps it on)")
+    fmt = lambda part: prompts.format_all(lm.tokenizer, part.texts, settings.system_prompt, settings.thinking)  # noqa: E731
+    return {key: {part: fmt(getattr(split, part)) for part in PARTS} for key, split in splits.items()}
+
+
+def _with_room_for_answers(console: Console, lm: model.LoadedModel, settings: Settings, texts: dict,
+                           quiet: bool = False) -> model.LoadedModel:  # fmt: skip
+    """lm with a tokenizer that cuts prompts short enough to leave room for the answers (a copy: lm's is saved)."""
+    every = [t for parts in texts.values() for ts in parts.values() for t in ts]
+    reserve = max(settings.max_new_tokens, settings.kl_tokens)
+    tokenizer, too_long = model.limit_prompt_length(lm.tokenizer, lm.model, every, reserve)
+    if too_long and not quiet:
+        console.print(
+            f"[yellow]warning:[/] {too_long} prompts are longer than the context allows "
+            f"({tokenizer.model_max_length} tokens with room for the answer); their beginnings are cut"
+        )
+    return replace(lm, tokenizer=tokenizer)
+
+
+def collect_stage_inputs(work: model.LoadedModel, settings: Settings, splits: dict[str, prompts.Split]) -> dict:
+    """What the residual means depend on, for their cache key."""
+    thinking_off = prompts.supports_thinking(work.tokenizer) and not settings.thinking
+    return {
+        "harmful_train": splits["harmful"].train.sha256,
+        "harmless_train": splits["harmless"].train.sha256,
+        **settings.feeding("collect"),
+        "dtype": str(next(work.model.parameters()).dtype),
+        "max_length": work.tokenizer.model_max_length,
+        **({"load_in_4bit": True} if settings.load_in_4bit else {}),  # keeps the keys of full-precision runs
+        **({"thinking_off": True} if thinking_off else {}),  # the prompts differ only for templates with the switch
+        **({"pad_free_means": True} if settings.positions > 1 else {}),  # older caches averaged pads in here
+    }
+
+
+def _edit(work: model.LoadedModel, texts: dict, direction: torch.Tensor, params: EditParams) -> list[str]:
+    """Orthogonalize every writer in place; after a full removal, check the residual stream lost the direction."""
+    edited = orthogonalize(work.model, work.arch, direction, params)
+    if params.scale == 1.0 and params.start_layer == 0:  # a writer the table misses must fail, not weaken the edit
+        probe = [work.tokenizer(t, add_special_tokens=False).input_ids[-64:] for t in texts["harmless"]["val"][:2]]
+        check_removed(work.model, work.arch, probe, direction)
+    return edited
+
+
+def _measure(console: Console, work: model.LoadedModel, splits: dict, texts: dict, settings: Settings, when: str,
+             baseline: Measurement | None = None) -> Measurement:  # fmt: skip
+    """The held-out test prompts of every set, measured (see evaluation.measure)."""
+    options = MeasureOptions(settings.max_new_tokens, settings.kl_tokens, settings.batch_size)
+    sets = {key: split.test for key, split in splits.items()}
+    tests = {key: parts["test"] for key, parts in texts.items()}
+    return measure(work, sets, tests, options, console, when, baseline)
+
+
 def _load_finite(
     console: Console, source: model.ModelSource, settings: Settings, probe: list[str], load_in_4bit: bool = False
 ) -> model.LoadedModel:
     """Load the model; if a half-precision forward pass overflows to inf/NaN, reload in float32."""
     load = lambda dtype: model.load(  # noqa: E731
-        source, dtype, settings.device, settings.trust_remote_code, settings.allow_pickle, console.print, load_in_4bit
+        source, replace(settings.load_options(), dtype=dtype), console.print, load_in_4bit
     )
     lm = load(settings.dtype)
     texts = prompts.format_all(lm.tokenizer, probe, settings.system_prompt, settings.thinking)
@@ -236,9 +224,12 @@ def _reload_full_precision(
     return _load_finite(console, source, settings, probe)
 
 
-def _collect(console: Console, lm: model.LoadedModel, settings: Settings, harmful: list[str], harmless: list[str]):
+def _collect(
+    console: Console, lm: model.LoadedModel, settings: Settings, texts: dict
+) -> tuple[ResidualMeans, ResidualMeans]:
     """Residual means of the harmful and harmless training prompts."""
     tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
+    harmful, harmless = texts["harmful"]["train"], texts["harmless"]["train"]
     with progress_bar(console, "collect residual means", len(harmful) + len(harmless)) as step:
         harmful_means = capture.collect(net, tok, arch, harmful, bs, settings.positions, step)
         harmless_means = capture.collect(net, tok, arch, harmless, bs, settings.positions, step)
@@ -247,17 +238,18 @@ def _collect(console: Console, lm: model.LoadedModel, settings: Settings, harmfu
 
 def select_stage_inputs(inputs: dict, splits: dict[str, prompts.Split], settings: Settings) -> dict:
     """What the selection depends on, for its cache key: the collect inputs, validation prompts, settings, judge."""
-    names = ("project_harmless_mean", "layer", "max_kl", "kl_margin", "skip_last_layers", "top_k", "induce")
     return {
         **inputs,
         "harmful_val": splits["harmful"].val.sha256,
         "harmless_val": splits["harmless"].val.sha256,
-        **{k: getattr(settings, k) for k in names},
+        **settings.feeding("select"),
         "judge": resume.judge_fingerprint(),  # the refusal openings are learned from the judge's labels
     }
 
 
-def _select(console: Console, lm: model.LoadedModel, settings: Settings, candidates, texts: dict) -> Selection:
+def _select(
+    console: Console, lm: model.LoadedModel, settings: Settings, candidates: Candidates, texts: dict
+) -> Selection:
     """Learn the refusal openings, then score candidates and search the edit strength."""
     tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
     console.print("[bold]learning[/] how this model opens its refusals")
@@ -280,30 +272,3 @@ def _select(console: Console, lm: model.LoadedModel, settings: Settings, candida
             layer=settings.layer, top_k=settings.top_k, induce=settings.induce, on_step=lambda _: step(),
             on_more=lambda n: step(0, more=n),
         )  # fmt: skip
-
-
-def _measure(
-    console: Console, lm: model.LoadedModel, splits: dict, texts: dict, settings: Settings, when: str,
-    reference: damage.Reference | None,
-) -> dict:  # fmt: skip
-    """Judged answers to held-out harmful and benign prompts; harmless next-token log-probs; KL and perplexity.
-
-    Without a reference this is the original model: its greedy harmless answers become the reference
-    that the edited model is later scored on.
-    """
-    tok, net, bs = lm.tokenizer, lm.model, settings.batch_size
-    result = {}
-    for key in ("harmful", "benign"):
-        test, formatted = splits[key].test, texts[key]["test"]
-        with progress_bar(console, f"generate {when}: {key} ({len(formatted)})", len(formatted)) as step:
-            answers = model.generate(net, tok, formatted, settings.max_new_tokens, bs, step)
-        result[key] = evaluate.judge_answers(key, test.texts, [p.category for p in test.prompts], answers)
-    result["harmless_logprobs"] = model.last_token_logprobs(net, tok, texts["harmless"]["test"], bs)
-    if reference is None:
-        harmless = texts["harmless"]["test"]
-        with progress_bar(console, f"generate {when}: harmless ({len(harmless)}, for KL)", len(harmless)) as step:
-            reference = damage.reference_answers(net, tok, harmless, settings.kl_tokens, bs, step)
-    result["reference"] = reference
-    with progress_bar(console, f"score {when}: KL and perplexity", 1):
-        result["damage"] = damage.measure(net, tok, reference, damage.harmless_text(), bs)
-    return result

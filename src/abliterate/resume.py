@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +24,8 @@ from abliterate.files import atomic_write
 from abliterate.judge import learned, rules
 from abliterate.model import ModelSource
 from abliterate.selection import CandidateScore, RefusalTokens, Selection
+
+T = TypeVar("T")
 
 
 def model_identity(source: ModelSource) -> str:
@@ -47,12 +52,36 @@ def stage_key(source: ModelSource, stage: str, inputs: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Stage(Generic[T]):
+    """A cached stage: its name in the key, and how its result is stored and read back."""
+
+    name: str
+    load: Callable[[str], T | None]
+    save: Callable[[str, T], None]
+
+
+def cached(
+    stage: Stage[T], source: ModelSource, inputs: dict, compute: Callable[[], T], on_hit: Callable[[], None]
+) -> T:
+    """The stage's stored result for these inputs, or compute it and store it (on_hit tells the user it resumed)."""
+    key = stage_key(source, stage.name, inputs)
+    found = stage.load(key)
+    if found is not None:
+        on_hit()
+        return found
+    result = compute()
+    stage.save(key, result)
+    return result
+
+
 def _folder(key: str) -> Path:
     return offline.cache_dir() / "stages" / key
 
 
-def save_means(key: str, harmful: ResidualMeans, harmless: ResidualMeans) -> None:
-    """Store both running sums with their counts."""
+def save_means(key: str, means: tuple[ResidualMeans, ResidualMeans]) -> None:
+    """Store both running sums (harmful, harmless) with their counts."""
+    harmful, harmless = means
     tensors = {"harmful": harmful.sums, "harmless": harmless.sums}
     for name, means in (("harmful", harmful), ("harmless", harmless)):
         if means.position_counts is not None:
@@ -117,3 +146,7 @@ def load_selection(key: str) -> Selection | None:
         data.get("baseline_refused"),
         data.get("n_val"),
     )
+
+
+COLLECT = Stage("collect", load_means, save_means)
+SELECT = Stage("select", load_selection, save_selection)

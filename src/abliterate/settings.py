@@ -16,7 +16,26 @@ from abliterate.errors import AbliterateError
 
 
 def _opt(default, help: str, **extra):
+    """A setting: its default, its --help text, and extras (positional=True; feeds=STAGE: part of that cache key)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded: one flag group that run, evaluate, chat, apply and export-adapter share."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LoadOptions:
+        """The group from parsed flags; a command without one of them gets its default."""
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
+
+
+LOAD = LoadOptions()
 
 
 @dataclass
@@ -33,26 +52,33 @@ class Settings:
     benign: str = _opt("benign_alarming", "benign prompts with alarming words, for over-refusal")
     prompt_column: str = _opt("prompt", "column holding the prompt in .jsonl/.json/.csv/.parquet/hub data")
     category_column: str = _opt("category", "optional column holding each prompt's category")
-    system_prompt: str | None = _opt(None, "system prompt for every conversation (default: the template's)")
+    system_prompt: str | None = _opt(
+        None, "system prompt for every conversation (default: the template's)", feeds="collect"
+    )
     force: bool = _opt(False, "replace the output folder if it is empty or an earlier abliterate output")
-    layer: int | None = _opt(None, "use the direction from this layer instead of selecting one")
+    layer: int | None = _opt(None, "use the direction from this layer instead of selecting one", feeds="select")
     max_kl: float = _opt(
         0.1,
         "first-token KL budget: selection requires mean KL + 1.645 standard errors on the harmless validation "
         "prompts <= max_kl * kl_margin (other prompts can come out higher)",
+        feeds="select",
     )
-    kl_margin: float = _opt(0.75, "the KL budget held on validation prompts is max_kl * kl_margin")
-    top_k: int = _opt(4, "best candidates whose edit strength is searched (past them, only until one qualifies)")
-    skip_last_layers: float = _opt(0.2, "share of the last layers never chosen")
-    positions: int = _opt(1, "candidates at the last N prompt positions")
-    induce: bool = _opt(False, "strengthen the refusal direction instead of removing it")
+    kl_margin: float = _opt(0.75, "the KL budget held on validation prompts is max_kl * kl_margin", feeds="select")
+    top_k: int = _opt(
+        4, "best candidates whose edit strength is searched (past them, only until one qualifies)", feeds="select"
+    )
+    skip_last_layers: float = _opt(0.2, "share of the last layers never chosen", feeds="select")
+    positions: int = _opt(1, "candidates at the last N prompt positions", feeds="collect")
+    induce: bool = _opt(False, "strengthen the refusal direction instead of removing it", feeds="select")
     thinking: bool = _opt(False, "keep the model's reasoning block on (by default templates that can turn it off do)")
     norm_preserving: bool = _opt(
         False, "after the edit, rescale every vector a writer adds to the residual stream to its original length"
     )
-    project_harmless_mean: bool = _opt(False, "remove each direction's component along the harmless mean")
+    project_harmless_mean: bool = _opt(
+        False, "remove each direction's component along the harmless mean", feeds="select"
+    )
     dtype: str = _opt(
-        "auto",
+        LOAD.dtype,
         "compute dtype for the forward passes: auto (float32 on CPU, bfloat16 on accelerators), float32, "
         "bfloat16, float16, float64; the saved weights do not pass through it",
     )
@@ -61,7 +87,7 @@ class Settings:
         "dtype of the saved weights: source (the checkpoint's own; float32 for GGUF), float32, bfloat16, "
         "float16, float64; the edit is computed in float64 and rounded once to it",
     )
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    device: str = _opt(LOAD.device, "auto, cpu, cuda, cuda:N or mps")
     load_in_4bit: bool = _opt(
         False, "collect and select on a bitsandbytes 4-bit copy (CUDA only); edit full-precision weights"
     )
@@ -73,13 +99,21 @@ class Settings:
     n_test: int = _opt(64, "held-out harmful and benign prompts for evaluation")
     seed: int = _opt(0, "seed for splits and anything random")
     no_eval: bool = _opt(False, "skip the before/after generation (faster; no refusal rates)")
-    trust_remote_code: bool = _opt(False, "allow model code from the hub to run")
-    allow_pickle: bool = _opt(False, "allow loading pickle (.bin) checkpoints")
+    trust_remote_code: bool = _opt(LOAD.trust_remote_code, "allow model code from the hub to run")
+    allow_pickle: bool = _opt(LOAD.allow_pickle, "allow loading pickle (.bin) checkpoints")
     config: str | None = _opt(None, "TOML file with any of these settings")
 
     def as_dict(self) -> dict:
         """All settings as plain values."""
         return dataclasses.asdict(self)
+
+    def load_options(self) -> LoadOptions:
+        """The load flag group of this run."""
+        return LoadOptions(self.dtype, self.device, self.trust_remote_code, self.allow_pickle)
+
+    def feeding(self, stage: str) -> dict:
+        """The settings a cached stage's result depends on (those declared with feeds=stage), by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("feeds") == stage}
 
 
 def _base_type(tp) -> type:
@@ -118,6 +152,18 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()
             parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=help_)
         else:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=help_)
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = ()) -> None:
+    """The load flags (all of LoadOptions, or the named ones) for commands other than run, with run's help."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for name in names or tuple(f.name for f in dataclasses.fields(LoadOptions)):
+        f = fields[name]
+        flag, help_ = f"--{name.replace('_', '-')}", f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=help_)
+        else:
+            parser.add_argument(flag, default=f.default, help=f"{help_} (default: {f.default})")
 
 
 def resolve(cli: dict) -> Settings:

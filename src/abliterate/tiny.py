@@ -5,12 +5,14 @@ They cost milliseconds and need no download: the fixtures of the tests and the b
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from abliterate import __version__
+from abliterate.output.record import RECORD, EditInfo, ModelInfo, RunRecord, write_record
 
 VOCAB = 320
 
@@ -159,26 +161,17 @@ def recorded_edit(folder: Path, hidden: int, scale: float = 1.0, start_layer: in
     """A minimal abliteration.json and directions.safetensors for a random direction, as a run writes them."""
     from safetensors.torch import save_file
 
-    from abliterate import __version__
-
     folder.mkdir(parents=True)
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     save_file({"direction": direction / direction.norm()}, str(folder / "directions.safetensors"))
-    record = {
-        "abliterate_version": __version__,
-        "model": {"spec": "tiny", "base_model": None, "license": None},
-        "selection": {"layer": 1, "position": -1, "reason": "test"},
-        "settings": {"n_train": 1, "n_val": 1, "n_test": 1, "max_new_tokens": 1},
-        "refusal_tokens": {"tokens": []},
-        "seed": 0,
-        "metrics": {},
-        "edit": {
-            "kind": "induce" if scale < 0 else "orthogonalize",
-            "direction_file": "directions.safetensors",
-            "direction_key": "direction",
-            "scale": scale,
-            "start_layer": start_layer,
-        },
-    }
-    (folder / "abliteration.json").write_text(json.dumps(record))
-    return folder / "abliteration.json"
+    record = RunRecord(
+        abliterate_version=__version__,
+        created="",
+        model=ModelInfo("tiny", "folder"),
+        edit=EditInfo("induce" if scale < 0 else "orthogonalize", scale, start_layer),
+        selection={"layer": 1, "position": -1, "reason": "test"},
+        settings={"n_train": 1, "n_val": 1, "n_test": 1, "max_new_tokens": 1},
+        seed=0,
+    )
+    write_record(folder, record)
+    return folder / RECORD

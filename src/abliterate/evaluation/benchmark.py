@@ -19,6 +19,7 @@ from rich.table import Table
 from abliterate import model
 from abliterate.errors import AbliterateError
 from abliterate.files import atomic_write_text, check_report_pair
+from abliterate.settings import LoadOptions
 
 INSTALL = "lm-evaluation-harness is not installed; pip install 'abliterate[benchmark]'"
 
@@ -26,8 +27,9 @@ INSTALL = "lm-evaluation-harness is not installed; pip install 'abliterate[bench
 def main(args: argparse.Namespace) -> int:
     """Run `abliterate benchmark` from parsed arguments."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    run(args.model, args.baseline, tasks, args.limit, args.batch_size, args.out, args.force,
-        args.dtype, args.device, args.trust_remote_code, args.allow_pickle)  # fmt: skip
+    run(
+        args.model, args.baseline, tasks, args.limit, args.batch_size, args.out, args.force, LoadOptions.from_args(args)
+    )
     return 0
 
 
@@ -42,8 +44,8 @@ def _lm_eval():
 
 
 def run(model_spec: str, baseline_spec: str | None, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-        out: str | None = None, force: bool = False, dtype: str = "auto", device: str = "auto",
-        trust_remote_code: bool = False, allow_pickle: bool = False, console: Console | None = None) -> dict:  # fmt: skip
+        out: str | None = None, force: bool = False, load: LoadOptions = LoadOptions(),
+        console: Console | None = None) -> dict:  # fmt: skip
     """Evaluate the baseline (if any), then the model, one at a time; print and optionally write the comparison."""
     console = console or Console(stderr=True, soft_wrap=True)
     if not tasks:
@@ -52,13 +54,13 @@ def run(model_spec: str, baseline_spec: str | None, tasks: list[str], limit: int
         raise AbliterateError("--limit must be at least 1")
     path = _check_out(out, force)
     lm_eval, hflm = _lm_eval()
-    sources = {"model": model.resolve(model_spec, allow_pickle)}
+    sources = {"model": model.resolve(model_spec, load.allow_pickle)}
     if baseline_spec:
-        sources = {"baseline": model.resolve(baseline_spec, allow_pickle), **sources}
+        sources = {"baseline": model.resolve(baseline_spec, load.allow_pickle), **sources}
     results = {}
     for role, source in sources.items():
         console.print(f"[bold]benchmarking[/] {role} {source.spec} on {', '.join(tasks)}")
-        lm = model.load(source, dtype, device, trust_remote_code, allow_pickle, console.print)
+        lm = model.load(source, load, console.print)
         lm.tokenizer.padding_side = "left"
         wrapped = hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
         try:

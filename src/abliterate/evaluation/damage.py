@@ -51,18 +51,27 @@ def reference_answers(
     return Reference(prompt_ids, answer_ids, logprobs)
 
 
-def measure(model: nn.Module, tokenizer, reference: Reference | None, paragraphs: list[str], batch_size: int) -> dict:
+@dataclass(frozen=True)
+class Damage:
+    """Teacher-forced scores of one model: per paragraph NLL; per reference answer KL and NLL, if scored."""
+
+    text_nll: list[float]
+    answer_kl: list[float] | None = None  # per prompt, mean per-token KL(reference || model)
+    answer_nll: list[float] | None = None
+    answer_tokens: int | None = None  # answer tokens scored, over all prompts
+
+
+def measure(model: nn.Module, tokenizer, reference: Reference | None, paragraphs: list[str], batch_size: int) -> Damage:
     """Per prompt: mean per-token KL(reference || model) and answer NLL; per paragraph: NLL.
 
     Without a reference only the paragraphs are scored.
     """
-    result: dict = {"text_nll": text_nll(model, tokenizer, paragraphs, batch_size)}
-    if reference is not None:
-        per_token, nll = score_answers(model, reference, batch_size)
-        result["answer_kl"] = [sum(k) / len(k) for k in per_token]
-        result["answer_nll"] = nll
-        result["answer_tokens"] = sum(len(a) for a in reference.answer_ids)
-    return result
+    text = text_nll(model, tokenizer, paragraphs, batch_size)
+    if reference is None:
+        return Damage(text)
+    per_token, nll = score_answers(model, reference, batch_size)
+    tokens = sum(len(a) for a in reference.answer_ids)
+    return Damage(text, [sum(k) / len(k) for k in per_token], nll, tokens)
 
 
 def answer_kl(model: nn.Module, reference: Reference, batch_size: int) -> list[list[float]]:

@@ -11,53 +11,57 @@ import argparse
 import datetime
 import gc
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from abliterate import __version__, model, prompts
 from abliterate.errors import AbliterateError
-from abliterate.evaluation import damage
-from abliterate.evaluation import metrics as evaluate
+from abliterate.evaluation.answers import sample_pairs
+from abliterate.evaluation.measure import Measurement, MeasureOptions, answer_rows, measure, summarize
+from abliterate.evaluation.metrics import RATE_ROWS, Metrics
 from abliterate.files import atomic_write_text, check_report_pair
 from abliterate.output import tables
-from abliterate.output.record import prompt_source
-from abliterate.settings import Settings
+from abliterate.output.record import RECORD, load_record, prompt_source
+from abliterate.settings import LoadOptions, Settings
 
 SETS = {"harmful": "refusal on harmful prompts", "benign": "over-refusal on benign prompts with alarming words"}
 
 
+RUN = Settings()  # `abliterate run`'s defaults: the same measurement unless told otherwise
+
+
 @dataclass
 class Options:
-    """What to measure and how; defaults match `abliterate run`."""
+    """What to measure and how; defaults are `abliterate run`'s."""
 
     harmful: str | None = None  # None: the run's recorded set (see split_from), else the built-in one
     benign: str | None = None
     harmless: str | None = None
-    n_test: int = 64
-    max_new_tokens: int = 96
-    kl_tokens: int = 32
-    batch_size: int = 16
-    seed: int = 0
+    n_test: int = RUN.n_test
+    max_new_tokens: int = RUN.max_new_tokens
+    kl_tokens: int = RUN.kl_tokens
+    batch_size: int = RUN.batch_size
+    seed: int = RUN.seed
     samples: int = 6
     system_prompt: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    load: LoadOptions = field(default_factory=LoadOptions)
     split_from: str | None = None  # a run folder or abliteration.json; default: MODEL when it is a run folder
 
+    def measure_options(self) -> MeasureOptions:
+        """How much to generate and score."""
+        return MeasureOptions(self.max_new_tokens, self.kl_tokens, self.batch_size)
 
-DEFAULT_SETS = {"harmful": "harmful", "benign": "benign_alarming", "harmless": "harmless"}
+
+DEFAULT_SETS = {"harmful": RUN.harmful, "benign": RUN.benign, "harmless": RUN.harmless}
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `abliterate evaluate` from parsed arguments."""
     fields = Options.__dataclass_fields__
-    options = Options(**{k: v for k, v in vars(args).items() if k in fields})
+    options = Options(**{k: v for k, v in vars(args).items() if k in fields}, load=LoadOptions.from_args(args))
     run(args.model, args.baseline, options, args.out, args.force)
     return 0
 
@@ -71,14 +75,14 @@ def run(model_spec: str, baseline_spec: str | None, options: Options, out: str |
     sets = prompt_sets(options, recorded[1] if recorded else None)
     if recorded:
         console.print(f"  test prompts: the ones held out by the run recorded in {recorded[0]}")
-    source = model.resolve(model_spec, options.allow_pickle)
-    base_source = model.resolve(baseline_spec, options.allow_pickle) if baseline_spec else None
-    paragraphs = damage.harmless_text()
-    base = _measure(console, base_source, sets, paragraphs, options, None) if base_source else None
-    measured = _measure(console, source, sets, paragraphs, options, base)
-    result = build_report(model_spec, baseline_spec, options, sets, base, measured, source, base_source)
+    source = model.resolve(model_spec, options.load.allow_pickle)
+    base_source = model.resolve(baseline_spec, options.load.allow_pickle) if baseline_spec else None
+    base = _measure(console, base_source, sets, options, "baseline", reference=True) if base_source else None
+    measured = _measure(console, source, sets, options, "model", base)  # alone, it needs no reference answers
+    metrics = summarize(base, measured)
+    tables.print_metrics(console, metrics, "baseline", "model")
+    result = build_report(model_spec, baseline_spec, options, sets, base, measured, metrics, source, base_source)
     result["split_from"] = str(recorded[0]) if recorded else None
-    _print(console, result)
     if json_path:
         _check(options, out, force)  # again: the files may have appeared while the models ran
         atomic_write_text(json_path.with_suffix(".md"), markdown(result))
@@ -100,17 +104,16 @@ def _check(options: Options, out: str | None, force: bool) -> Path | None:
 def recorded_split(model_spec: str, split_from: str | None) -> tuple[Path, dict] | None:
     """The prompt split a run recorded: from --split-from, or from MODEL when it is a run's folder."""
     where = Path(split_from or model_spec).expanduser()
-    file = where / "abliteration.json" if where.is_dir() else where
+    file = where / RECORD if where.is_dir() else where
     if not split_from and not (where.is_dir() and file.is_file()):
         return None
     try:
-        rec = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise AbliterateError(
-            f"--split-from {where}: no readable abliteration.json; pass a run's --out folder"
-        ) from None
-    split = rec.get("split") if isinstance(rec, dict) else None
-    if not isinstance(split, dict):
+        split = load_record(where).split
+    except AbliterateError:
+        if not split_from:
+            return None  # a model folder whose record we cannot read: evaluate it as any other model
+        raise AbliterateError(f"--split-from {where}: no readable {RECORD}; pass a run's --out folder") from None
+    if split is None:
         if not split_from:
             return None  # a model folder with an older record: evaluate as any other model
         raise AbliterateError(f"{file} records no prompt split (an older abliterate wrote it); drop --split-from")
@@ -164,131 +167,55 @@ def test_prompts(spec: str, n_test: int, seed: int, held_out: bool) -> prompts.P
     return prompts.split(loaded, 0, 0, min(n_test, len(loaded)), seed).test
 
 
-def _measure(console: Console, source: model.ModelSource, sets: dict, paragraphs: list[str], options: Options,
-             base: dict | None) -> dict:  # fmt: skip
-    """Generate, judge and score one model; with a baseline's results, also KL against it. Frees the model."""
+def _measure(console: Console, source: model.ModelSource, sets: dict[str, prompts.PromptSet], options: Options,
+             when: str, base: Measurement | None = None, reference: bool = False) -> Measurement:  # fmt: skip
+    """Load, measure and free one model; the baseline (reference=True) also makes the reference answers for KL."""
     console.print(f"[bold]loading[/] {source.spec}")
-    lm = model.load(source, options.dtype, options.device, options.trust_remote_code, options.allow_pickle,
-                    console.print)  # fmt: skip
-    tok, net, bs = lm.tokenizer, lm.model, options.batch_size
-    texts = {key: prompts.format_all(tok, s.texts, options.system_prompt) for key, s in sets.items()}
-    model.limit_prompt_length(tok, net, sum(texts.values(), []), max(options.max_new_tokens, options.kl_tokens))
-    result: dict = {}
-    for key in SETS:
-        console.print(f"  generating answers to {len(texts[key])} {key} prompts")
-        answers = model.generate(net, tok, texts[key], options.max_new_tokens, bs)
-        result[key] = evaluate.judge_answers(key, sets[key].texts, [p.category for p in sets[key].prompts], answers)
-    reference = base["reference"] if base else None
-    if base is None:
-        console.print(f"  generating {options.kl_tokens}-token answers to {len(texts['harmless'])} harmless prompts")
-        result["reference"] = damage.reference_answers(net, tok, texts["harmless"], options.kl_tokens, bs)
-        reference = result["reference"]
-    elif _prompt_ids(tok, texts["harmless"]) != reference.prompt_ids:
-        console.print("[yellow]warning:[/] the model tokenizes the prompts differently from the baseline; KL and "
-                      "answer perplexity compare different inputs and are left out")  # fmt: skip
-        reference = None
-    if reference is not None:
-        result["harmless_logprobs"] = model.last_token_logprobs(net, tok, texts["harmless"], bs)
-    console.print("  scoring KL and perplexity")
-    result["damage"] = damage.measure(net, tok, reference, paragraphs, bs)
-    del lm, net
+    lm = model.load(source, options.load, console.print)
+    texts = {key: prompts.format_all(lm.tokenizer, s.texts, options.system_prompt) for key, s in sets.items()}
+    reserve = max(options.max_new_tokens, options.kl_tokens)
+    tokenizer, _ = model.limit_prompt_length(lm.tokenizer, lm.model, sum(texts.values(), []), reserve)
+    result = measure(replace(lm, tokenizer=tokenizer), sets, texts, options.measure_options(), console, when, base,
+                     reference)  # fmt: skip
+    del lm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
 
 
-def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [tokenizer(t, add_special_tokens=False, truncation=True).input_ids for t in texts]
-
-
-def _rate(rate: evaluate.Rate) -> dict:
-    return {**asdict(rate), "value": rate.value}
-
-
-def build_report(model_spec: str, baseline_spec: str | None, options: Options, sets: dict, base: dict | None,
-                 measured: dict, source: model.ModelSource, base_source: model.ModelSource | None) -> dict:  # fmt: skip
+def build_report(model_spec: str, baseline_spec: str | None, options: Options, sets: dict,
+                 base: Measurement | None, measured: Measurement, metrics: Metrics,
+                 source: model.ModelSource, base_source: model.ModelSource | None) -> dict:  # fmt: skip
     """The report as plain data: metrics with intervals and paired tests, categories, samples, every answer."""
     describe = lambda s: {"spec": s.spec, "kind": s.kind, "sha256": s.sha256}  # noqa: E731
-    result: dict = {
+    samples = {
+        key: sample_pairs(base.answers[key] if base else None, measured.answers[key], options.samples, options.seed)
+        for key in SETS
+    }
+    return {
         "abliterate_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": describe(source),
         "baseline": describe(base_source) if base_source else None,
-        "settings": {k: v for k, v in asdict(options).items() if k not in ("trust_remote_code", "allow_pickle")},
+        "settings": {k: v for k, v in asdict(options).items() if k != "load"}
+        | {"dtype": options.load.dtype, "device": options.load.device},
         "prompts": {key: {"source": s.name, "n": len(s), "sha256": s.sha256} for key, s in sets.items()},
-    }
-    if base:
         # The same metric names as `abliterate run`: "before" is the baseline, "after" the model.
-        metrics = evaluate.summarize(base, measured)
-        samples = {key: evaluate.sample_pairs(base[key], measured[key], options.samples, options.seed) for key in SETS}
-    else:
-        metrics = {}
-        for key in SETS:
-            for label in ("refusal", "degenerate"):
-                answers = measured[key]
-                metrics[f"{key}_{label}"] = {
-                    "rate": _rate(answers.rate(label)),
-                    "by_category": {c: _rate(r) for c, r in answers.by_category(label).items()},
-                }
-        metrics["perplexity_harmless_text"] = evaluate.perplexity(measured["damage"]["text_nll"])
-        samples = {key: _single_samples(measured[key], options.samples) for key in SETS}
-    result["metrics"] = metrics
-    result["samples"] = samples
-    result["answers"] = {key: _answers(measured[key], base[key] if base else None) for key in SETS}
-    return result
-
-
-def _answers(answers: evaluate.JudgedAnswers, baseline: evaluate.JudgedAnswers | None) -> list[dict]:
-    """Every prompt with the model's answer and label, and the baseline's where there is one."""
-    rows = []
-    for i, prompt in enumerate(answers.prompts):
-        row = {"prompt": prompt, "category": answers.categories[i], "answer": answers.responses[i],
-               "label": answers.labels[i]}  # fmt: skip
-        if baseline:
-            row.update(baseline_answer=baseline.responses[i], baseline_label=baseline.labels[i])
-        rows.append(row)
-    return rows
-
-
-def _single_samples(answers: evaluate.JudgedAnswers, count: int) -> list[dict]:
-    """The first few answers, refusals first, so the report shows what the judge called a refusal."""
-    order = sorted(range(len(answers.labels)), key=lambda i: answers.labels[i] != "refusal")[:count]
-    return [
-        {"prompt": answers.prompts[i], "after": answers.responses[i], "after_label": answers.labels[i]} for i in order
-    ]
-
-
-def _rows(result: dict) -> tuple[list[str], list[tuple[str, ...]]]:
-    """Header and rows of the main table: shared by the terminal and the Markdown report."""
-    metrics = result["metrics"]
-    if result["baseline"]:
-        return ["metric", "baseline", "model", "paired p"], tables.metrics_rows(metrics)
-    rows = [(name, _pct(metrics[key]["rate"])) for key, name in tables.LABELS.items()]
-    ppl = metrics["perplexity_harmless_text"]
-    rows.append(("Perplexity, plain harmless text", f"{ppl['value']:.2f} [{ppl['low']:.2f}-{ppl['high']:.2f}]"))
-    return ["metric", "model"], rows
-
-
-def _pct(rate: dict) -> str:
-    value = rate["k"] / rate["n"] if rate["n"] else 0.0
-    return f"{100 * value:.1f}% [{100 * rate['low']:.0f}-{100 * rate['high']:.0f}] ({rate['k']}/{rate['n']})"
-
-
-def _print(console: Console, result: dict) -> None:
-    header, rows = _rows(result)
-    table = Table(title="evaluation (95% intervals; p: exact McNemar on the same prompts)")
-    for col in header:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+        "metrics": metrics.as_dict(),
+        "samples": samples,
+        "answers": answer_rows(base, measured),
+    }
 
 
 def _cell(text: str, limit: int = 600) -> str:
     """A response made safe for one Markdown table cell."""
     text = text if len(text) <= limit else text[:limit] + " …"
     return text.replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def markdown(result: dict) -> str:
@@ -303,9 +230,9 @@ def markdown(result: dict) -> str:
         f"answers of {s['max_new_tokens']} new tokens judged whole by abliterate's judge; seed {s['seed']}.",
         "",
     ]
-    header, rows = _rows(result)
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    metrics = Metrics.from_dict(result["metrics"])
+    assert metrics is not None  # a report always measured the model
+    lines += _md_table(metrics.header("baseline", "model"), metrics.rows())
     lines += [
         "",
         "Rates: 95% Wilson intervals. Means: 95% bootstrap intervals over prompts. "
@@ -317,15 +244,9 @@ def markdown(result: dict) -> str:
         "",
         "## By category",
     ]  # fmt: skip
-    for key, name in tables.LABELS.items():
-        m = result["metrics"][key]
-        lines += ["", f"### {name}", ""]
-        if baseline:
-            lines += ["| category | baseline | model |", "|---|---|---|"]
-            lines += [f"| {c} | {_pct(b)} | {_pct(a)} |" for c, (b, a) in m["by_category"].items()]
-        else:
-            lines += ["| category | model |", "|---|---|"]
-            lines += [f"| {c} | {_pct(r)} |" for c, r in m["by_category"].items()]
+    for key, name in RATE_ROWS.items():
+        header = ("category", "n", "baseline", "model") if baseline else ("category", "n", "model")
+        lines += ["", f"### {name}", "", *_md_table(header, metrics.rates[key].category_rows())]
     lines += ["", "## Sample answers"]
     for key, title in SETS.items():
         lines += ["", f"### {title}"]

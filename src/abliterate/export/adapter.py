@@ -12,7 +12,7 @@ the edit leaves alone.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from abliterate.architectures import Architecture
 from abliterate.edit import EditParams, Target, edit_targets, remove_component_
 from abliterate.errors import AbliterateError, require
 from abliterate.output import record as run_record
+from abliterate.settings import LoadOptions
 
 ADAPTER = "default"
 PROJECTION_KINDS = ("orthogonalize", "induce")
@@ -178,8 +179,7 @@ def export_adapter(
     base: str,
     out_dir: str,
     force: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    load: LoadOptions = LoadOptions(),
     console: Console | None = None,
 ) -> Path:
     """Save a run's edit as a PEFT LoRA adapter for the original model `base`."""
@@ -189,8 +189,8 @@ def export_adapter(
         raise AbliterateError(
             f"{run} does not exist; pass the --out folder of a finished run (or its abliteration.json)"
         )
-    recorded = run_record.read_edit(run / "abliteration.json" if run.is_dir() else run)
-    kind = recorded.record["edit"].get("kind", "orthogonalize")
+    recorded = run_record.read_edit(run)
+    kind = recorded.record.edit.kind
     if recorded.params.norm_preserving:
         raise AbliterateError(
             "the run's edit is norm-preserving: rescaling every weight column makes it full-rank, so no small LoRA "
@@ -202,23 +202,23 @@ def export_adapter(
             "save the edited model with `abliterate apply` instead"
         )
     out = files.check_output(out_dir, force)
-    source = model.resolve(base, allow_pickle)
+    source = model.resolve(base, load.allow_pickle)
     console.print(f"[bold]loading[/] {base}")
     # float32 on CPU: the adapter's factors are computed from the base weights, not from a device's rounding.
-    lm = model.load(source, "float32", "cpu", trust_remote_code, allow_pickle, console.print)
+    lm = model.load(source, replace(load, dtype="float32", device="cpu"), console.print)
     if recorded.direction.shape[-1] != lm.model.get_input_embeddings().weight.shape[1]:
         raise AbliterateError(
             f"the direction has {recorded.direction.shape[-1]} dimensions but {base} has a different hidden size; "
             "pass the model the run was made on as --base"
         )
     peft_model, error = build(lm.model, lm.arch, recorded.direction, recorded.params)
-    peft_model.peft_config[ADAPTER].base_model_name_or_path = source.base_model or base
+    peft_model.peft_config[ADAPTER].base_model_name_or_path = run_record.base_model(source) or base
     with files.staging(out, force) as tmp:
         with warnings.catch_warnings():
             # PEFT takes any 1-D LoRA tensor for an unsaved shard; lora_B's bias is 1-D by nature.
             warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
             peft_model.save_pretrained(tmp)
-        record = {**recorded.record, "adapter": {"base": base, "rank": 1, "max_abs_weight_error": error}}
-        files.write_json(tmp / "abliteration.json", record)
+        adapter = {"base": base, "rank": 1, "max_abs_weight_error": error}
+        run_record.write_record(tmp, replace(recorded.record, adapter=adapter))
     console.print(f"[bold green]saved[/] adapter {out} (largest weight difference from the edit: {error:.2g})")
     return out

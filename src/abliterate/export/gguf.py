@@ -23,6 +23,7 @@ import torch
 
 from abliterate import __version__
 from abliterate.errors import AbliterateError
+from abliterate.output import record as run_record
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +288,7 @@ def _general(folder: Path) -> dict[str, Value]:
     import gguf
 
     S = gguf.GGUFValueType.STRING
-    base = None
-    record = folder / "abliteration.json"
-    if record.is_file():
-        base = json.loads(record.read_text(encoding="utf-8")).get("model", {}).get("base_model")
+    base = run_record.load_record(folder).model.base_model if (folder / run_record.RECORD).is_file() else None
     keys = {"general.type": Value("model", S), "general.name": Value(base or folder.resolve().name, S)}
     if base:
         keys["general.base_model.count"] = Value(1, gguf.GGUFValueType.UINT32)
@@ -390,10 +388,11 @@ def _source_gguf(folder: Path, explicit: str | Path | None) -> Path | None:
     """The GGUF the model was made from: --source-gguf, or what abliteration.json records, if still on disk."""
     from abliterate import offline
 
-    record_path = folder / "abliteration.json"
-    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
-    origin = record.get("applied_to") or record.get("model") or {}
-    spec, sha = str(origin.get("spec") or origin.get("source") or ""), origin.get("sha256")
+    spec, sha = "", None
+    if (folder / run_record.RECORD).is_file():
+        rec = run_record.load_record(folder)
+        applied = rec.applied_to or {}
+        spec, sha = str(applied.get("source") or rec.model.spec), applied.get("sha256", rec.model.sha256)
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():

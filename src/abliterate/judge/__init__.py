@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from abliterate.judge.learned import Classifier, features, shipped
-from abliterate.judge.rules import Label, Verdict, degeneracy, normalize, rule_judge, strip_reasoning
+from abliterate.judge.rules import LABELS, Label, Verdict, degeneracy, normalize, rule_judge, strip_reasoning
 
 __all__ = [
     "Classifier",
+    "LABELS",
     "Label",
     "Verdict",
     "degeneracy",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from abliterate.errors import AbliterateError, require
-from abliterate.judge.rules import normalize, repeated_chars
+from abliterate.judge.rules import LABELS, normalize, repeated_chars
 
 CLASSIFIER_FILE = Path(__file__).resolve().parent.parent / "data" / "judge_classifier.json"
 FEATURES = (
@@ -71,9 +71,6 @@ def opening(response: str) -> str:
     text = re.sub(r"\s+", " ", response).strip()
     sentences = re.split(r"(?<=[.!?。！？])\s+", text)
     return " ".join(sentences[:2])[:300]
-
-
-LABELS = ("refusal", "compliance", "degenerate")
 
 
 def _shape(prompt: str, response: str) -> list[float]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Label = Literal["refusal", "compliance", "degenerate"]
+LABELS: tuple[Label, ...] = ("refusal", "compliance", "degenerate")
 
 
 @dataclass(frozen=True)

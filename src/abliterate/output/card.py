@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from abliterate.output.tables import metrics_rows
+from abliterate.output.record import RunRecord
 
 
-def model_card(rec: dict) -> str:
+def model_card(rec: RunRecord) -> str:
     """README.md with YAML front matter, the metrics table, parameters and limitations."""
-    model = rec["model"]
-    sel = rec["selection"]
-    induced = rec["edit"]["kind"] == "induce"
-    norm_preserving = bool(rec["edit"].get("norm_preserving", False))
+    model, sel, edit = rec.model, rec.selection, rec.edit
+    induced, norm_preserving = rec.induce, edit.norm_preserving
+    name = model.base_model or model.spec
     front = ["---"]
-    if model["base_model"]:
-        front += [f"base_model: {model['base_model']}", "base_model_relation: finetune"]
-    if model["license"]:
-        front.append(f"license: {model['license']}")
+    if model.base_model:
+        front += [f"base_model: {model.base_model}", "base_model_relation: finetune"]
+    if model.license:
+        front.append(f"license: {model.license}")
     front += [
         "library_name: transformers",
         "tags:",
@@ -26,26 +25,27 @@ def model_card(rec: dict) -> str:
     ]
     lines = front + [
         "",
-        f"# {model['base_model'] or model['spec']}, {'refusal strengthened' if induced else 'abliterated'}",
+        f"# {name}, {'refusal strengthened' if induced else 'abliterated'}",
         "",
-        f"The refusal direction of `{model['base_model'] or model['spec']}` (difference of mean residual activations "
+        f"The refusal direction of `{name}` (difference of mean residual activations "
         f"on harmful and harmless prompts, layer {sel['layer']}, position {sel['position']} from the end of the prompt) "
         f"was {'amplified in' if induced else 'projected out of'} every matrix that writes to the residual stream, by "
-        f"[abliterate](https://pypi.org/project/abliterate/) {rec['abliterate_version']}.",
+        f"[abliterate](https://pypi.org/project/abliterate/) {rec.abliterate_version}.",
         "",
         "## Evaluation",
         "",
     ]
-    if "applied_to" in rec:
-        lines += [f"This edit was re-applied to `{rec['applied_to']['source']}` with `abliterate apply`; the numbers below "
+    if rec.applied_to:
+        lines += [f"This edit was re-applied to `{rec.applied_to['source']}` with `abliterate apply`; the numbers below "
                   "were measured by the run that made it.", ""]  # fmt: skip
-    if rec["metrics"]:
-        lines += ["| metric | original | abliterated | paired p |", "|---|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metrics_rows(rec["metrics"])]
+    if rec.metrics:
+        header = rec.metrics.header("original", "abliterated")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rec.metrics.rows()]
         lines += [
             "",
             "Rates over all answers with 95% Wilson intervals; p is an exact McNemar test on the same prompts; "
-            f"greedy answers of {rec['settings']['max_new_tokens']} new tokens judged whole by abliterate's judge.",
+            f"greedy answers of {rec.settings['max_new_tokens']} new tokens judged whole by abliterate's judge.",
         ]
     else:
         lines.append("Not evaluated (`--no-eval`).")
@@ -54,20 +54,20 @@ def model_card(rec: dict) -> str:
         "## Parameters",
         "",
         f"- direction from layer {sel['layer']}, position {sel['position']}; {sel['reason']}",
-        f"- edit: scale {rec['edit']['scale']} (1 = full projection), writers from layer {rec['edit']['start_layer']} on"
+        f"- edit: scale {edit.scale} (1 = full projection), writers from layer {edit.start_layer} on"
         + (
             "; norm-preserving: every vector a writer adds to the residual stream keeps its original length"
             if norm_preserving
             else ""
         ),
-        f"- refusal openings learned from the model: {rec['refusal_tokens']['tokens']}",
-        f"- prompts: train {rec['settings']['n_train']}, validation {rec['settings']['n_val']}, "
-        f"test {rec['settings']['n_test']} of each kind; seed {rec['seed']}",
+        f"- refusal openings learned from the model: {rec.refusal_tokens.get('tokens', [])}",
+        f"- prompts: train {rec.settings['n_train']}, validation {rec.settings['n_val']}, "
+        f"test {rec.settings['n_test']} of each kind; seed {rec.seed}",
         "",
         "## Reproduce",
         "",
         "```",
-        f"abliterate run {model['spec']} --out OUT --layer {sel['layer']} --seed {rec['seed']}"
+        f"abliterate run {model.spec} --out OUT --layer {sel['layer']} --seed {rec.seed}"
         + (" --induce" if induced else "")
         + (" --norm-preserving" if norm_preserving else ""),
         "```",

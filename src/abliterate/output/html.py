@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 from abliterate.errors import AbliterateError
 from abliterate.files import atomic_write_text, staging
-from abliterate.output.tables import metrics_rows
+from abliterate.output.record import RECORD, RunRecord, load_record
 
 SAMPLES_PER_SET = 8
 
@@ -30,41 +30,37 @@ SAMPLES_PER_SET = 8
 class RunArtifacts:
     """What a finished run folder holds, loaded."""
 
-    record: dict
+    record: RunRecord
     tensors: dict[str, np.ndarray]
     answers: dict | None  # evaluation.json; None for --no-eval runs
 
     @property
     def position(self) -> int:
         """The chosen direction's position from the end of the prompt."""
-        return self.record["selection"]["position"]
+        return self.record.selection["position"]
 
     @property
     def induce(self) -> bool:
         """Whether the run strengthened refusal instead of removing it."""
-        return self.record["edit"]["kind"] == "induce"
+        return self.record.induce
 
 
 def load_run(run_dir: Path) -> RunArtifacts:
     """Read a run folder's record, directions and answers."""
-    record_path, directions_path = run_dir / "abliteration.json", run_dir / "directions.safetensors"
-    if not record_path.is_file() or not directions_path.is_file():
+    directions_path = run_dir / "directions.safetensors"
+    if not (run_dir / RECORD).is_file() or not directions_path.is_file():
         raise AbliterateError(
             f"{run_dir} has no abliteration.json and directions.safetensors; pass the folder of a finished run"
         )
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
         tensors = load_file(str(directions_path))
         for key in ("direction", "candidate_directions", "harmful_means", "harmless_means"):
             tensors[key] = tensors[key].astype(np.float64)
         answers_path = run_dir / "evaluation.json"
         answers = json.loads(answers_path.read_text(encoding="utf-8")) if answers_path.is_file() else None
-        missing = [k for k in ("model", "selection", "edit", "seed", "created") if k not in record]
-        if missing:
-            raise KeyError(", ".join(missing))
     except (json.JSONDecodeError, SafetensorError, KeyError, TypeError, OSError, ValueError) as exc:
         raise AbliterateError(f"{run_dir} holds a damaged run record ({exc}); rerun `abliterate run`") from None
-    return RunArtifacts(record, tensors, answers)
+    return RunArtifacts(load_record(run_dir), tensors, answers)
 
 
 def _png(fig: Figure) -> bytes:
@@ -82,7 +78,7 @@ def _layer_ticks(ax, n: int) -> None:
 
 def plot_layer_scores(run: RunArtifacts) -> bytes:
     """Refusal log-odds with each candidate ablated (and induced, where measured) against its layer."""
-    sel = run.record["selection"]
+    sel = run.record.selection
     fig = Figure(figsize=(8, 4.2))
     ax = fig.add_subplot()
     positions = sorted({c["position"] for c in sel["candidates"]})
@@ -118,7 +114,7 @@ def plot_layer_cosine(run: RunArtifacts) -> bytes:
     ax = fig.add_subplot()
     image = ax.imshow(unit @ unit.T, cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
     fig.colorbar(image, ax=ax, label="cosine similarity")
-    layer = run.record["selection"]["layer"]
+    layer = run.record.selection["layer"]
     ax.axhline(layer, color="black", lw=0.8, ls="--")
     ax.axvline(layer, color="black", lw=0.8, ls="--")
     _layer_ticks(ax, n)
@@ -144,7 +140,7 @@ def plot_projections(run: RunArtifacts) -> bytes:
     ax = fig.add_subplot()
     ax.plot(layers, harmful, "o-", ms=4, color="tab:red", label="harmful prompts (mean)")
     ax.plot(layers, harmless, "o-", ms=4, color="tab:blue", label="harmless prompts (mean)")
-    ax.axvline(run.record["selection"]["layer"], color="black", lw=0.8, ls="--", label="direction's layer")
+    ax.axvline(run.record.selection["layer"], color="black", lw=0.8, ls="--", label="direction's layer")
     _layer_ticks(ax, len(layers))
     ax.set_xlabel("residual stream at the input of layer")
     ax.set_ylabel("projection on the chosen direction")
@@ -157,7 +153,7 @@ def search_points(run: RunArtifacts) -> list[dict]:
     """Every strength tried by the search: candidate, scale, start layer, refusal and KL."""
     return [
         {"layer": c["layer"], "position": c["position"], **t}
-        for c in run.record["selection"]["candidates"]
+        for c in run.record.selection["candidates"]
         for t in c.get("trials", [])
     ]
 
@@ -186,7 +182,7 @@ def plot_pareto(run: RunArtifacts) -> bytes | None:
                 label=f"layer {key[1]}" + (f", position {key[0]}" if key[0] else ""))  # fmt: skip
     front = pareto_front(points, run.induce)
     ax.plot([p["kl"] for p in front], [p["refusal"] for p in front], "-", color="black", lw=1, label="Pareto front")
-    ax.axvline(run.record["selection"]["kl_threshold"], color="tab:red", ls="--", lw=1, label="KL budget")
+    ax.axvline(run.record.selection["kl_threshold"], color="tab:red", ls="--", lw=1, label="KL budget")
     chosen = _chosen(run)
     if chosen and chosen.get("kl") is not None:
         ax.plot(chosen["kl"], chosen["refusal"], "*", ms=16, color="gold", mec="black", label="chosen")
@@ -200,27 +196,25 @@ def plot_pareto(run: RunArtifacts) -> bytes | None:
     return _png(fig)
 
 
-def _rate(rate: dict) -> float:
-    return rate["k"] / rate["n"] if rate["n"] else 0.0
-
-
 def plot_categories(run: RunArtifacts) -> bytes | None:
     """Refusal (harmful) and over-refusal (benign) per category, before and after, with 95% intervals."""
-    metrics = run.record.get("metrics") or {}
-    panels = [(k, t) for k, t in (("harmful_refusal", "refusal, harmful prompts"),
-                                  ("benign_refusal", "over-refusal, benign prompts")) if k in metrics]  # fmt: skip
+    metrics = run.record.metrics
+    titles = {"harmful_refusal": "refusal, harmful prompts", "benign_refusal": "over-refusal, benign prompts"}
+    panels = [(metrics.rates[k], t) for k, t in titles.items() if k in metrics.rates] if metrics else []
     if not panels:
         return None
-    rows = max(len(metrics[k]["by_category"]) for k, _ in panels)
+    rows = max(len(change.by_category) for change, _ in panels)
     fig = Figure(figsize=(10, 1.2 + 0.45 * rows))
-    for i, (key, title) in enumerate(panels):
+    for i, (change, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        cats = list(metrics[key]["by_category"])
+        cats = list(change.by_category)
         y = np.arange(len(cats))
         for offset, when, colour in ((-0.2, 0, "tab:grey"), (0.2, 1, "tab:orange")):
-            rates = [metrics[key]["by_category"][c][when] for c in cats]
-            values = np.array([_rate(r) for r in rates]) * 100
-            err = np.array([[v - 100 * r["low"], 100 * r["high"] - v] for v, r in zip(values, rates)]).T
+            rates = [change.by_category[c][when] for c in cats]
+            if None in rates:
+                continue  # a model measured alone has no before
+            values = np.array([r.value for r in rates]) * 100
+            err = np.array([[v - 100 * r.low, 100 * r.high - v] for v, r in zip(values, rates)]).T
             err = err.clip(min=0)  # rounding can put k/n a hair outside its Wilson interval at 0 or n
             ax.barh(y + offset, values, height=0.4, xerr=err, color=colour, capsize=2,
                     label="after" if when else "before")  # fmt: skip
@@ -266,7 +260,7 @@ def render_plots(run: RunArtifacts) -> dict[str, bytes]:
 
 
 def _chosen(run: RunArtifacts) -> dict | None:
-    sel = run.record["selection"]
+    sel = run.record.selection
     for c in sel["candidates"]:
         if c["position"] == sel["position"] and c["layer"] == sel["layer"]:
             return c
@@ -281,10 +275,6 @@ def pick_samples(rows: list[dict], count: int = SAMPLES_PER_SET) -> list[dict]:
 
 def _e(value) -> str:
     return html.escape(str(value))
-
-
-def _fmt_rate(rate: dict) -> str:
-    return f"{100 * _rate(rate):.0f}% [{100 * rate['low']:.0f}-{100 * rate['high']:.0f}] ({rate['k']}/{rate['n']})"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple], cls: str = "") -> str:
@@ -310,21 +300,21 @@ table.samples pre { white-space: pre-wrap; word-break: break-word; margin: 0; fo
 
 def render_html(run: RunArtifacts, pngs: dict[str, bytes]) -> str:
     """The page: summary and metrics, plots as data URIs, per-category table, sample answers."""
-    rec, sel, edit = run.record, run.record["selection"], run.record["edit"]
-    name = rec["model"].get("base_model") or rec["model"]["spec"]
+    rec, sel, edit = run.record, run.record.selection, run.record.edit
+    name = rec.model.base_model or rec.model.spec
     verb = "strengthened" if run.induce else "removed"
     parts = [
         f"<h1>abliterate report: {_e(name)}</h1>",
         f"<p>Refusal direction from layer {_e(sel['layer'])}, position {_e(sel['position'])} from the end of the "
-        f"prompt; {verb} at scale {_e(edit['scale'])} from layer {_e(edit['start_layer'])} on. {_e(sel['reason'])}."
-        f"</p><p>Model <code>{_e(rec['model']['spec'])}</code>, seed {_e(rec['seed'])}, run {_e(rec['created'])} "
-        f"with abliterate {_e(rec['abliterate_version'])}.</p>",
+        f"prompt; {verb} at scale {_e(edit.scale)} from layer {_e(edit.start_layer)} on. {_e(sel['reason'])}."
+        f"</p><p>Model <code>{_e(rec.model.spec)}</code>, seed {_e(rec.seed)}, run {_e(rec.created)} "
+        f"with abliterate {_e(rec.abliterate_version)}.</p>",
         "<h2>Before and after</h2>",
     ]
-    metrics = rec.get("metrics") or {}
+    metrics = rec.metrics
     if metrics:
-        rows = [tuple(_e(c) for c in row) for row in metrics_rows(metrics)]
-        parts.append(_table(("metric", "original", "edited", "paired p"), rows, "metrics"))
+        rows = [tuple(_e(c) for c in row) for row in metrics.rows()]
+        parts.append(_table(metrics.header("original", "edited"), rows, "metrics"))
         parts.append("<p>Rates over held-out answers with 95% Wilson intervals; p is an exact McNemar test on the "
                      "same prompts; KL with a bootstrap interval.</p>")  # fmt: skip
     else:
@@ -342,8 +332,7 @@ def render_html(run: RunArtifacts, pngs: dict[str, bytes]) -> str:
         parts.append("<h2>By category</h2>")
         for key, title in (("harmful_refusal", "Refusal, harmful prompts"),
                            ("benign_refusal", "Over-refusal, benign prompts")):  # fmt: skip
-            cats = metrics[key]["by_category"]
-            rows = [(_e(c), _e(b["n"]), _fmt_rate(b), _fmt_rate(a)) for c, (b, a) in cats.items()]
+            rows = [tuple(_e(c) for c in row) for row in metrics.rates[key].category_rows()]
             parts += [f"<h3>{title}</h3>", _table(("category", "n", "original", "edited"), rows, "categories")]
     if run.answers:
         parts.append("<h2>Sample answers</h2><p>Greedy answers to held-out prompts, answers whose label changed "

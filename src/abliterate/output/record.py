@@ -1,24 +1,35 @@
-"""What a run saves: the edited model in HF layout, its directions, and the abliteration.json record."""
+"""What a run saves: the edited model in HF layout, its directions, and the abliteration.json record.
+
+`RunRecord` is the one owner of abliteration.json: `write_record` writes it, `load_record` reads and
+validates it, and every reader (apply, the adapter and GGUF exports, the report, `evaluate
+--split-from`, a model folder's base model) goes through them.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import json
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from abliterate import __version__
 from abliterate.capture import ResidualMeans
 from abliterate.directions import Candidates
 from abliterate.edit import EditParams, orthogonalize
 from abliterate.errors import AbliterateError
-from abliterate.model import LoadedModel, context_length, load, save_dtype
+from abliterate.evaluation.metrics import Metrics
+from abliterate.files import write_json
+from abliterate.model import LoadedModel, ModelSource, context_length, load, save_dtype
 from abliterate.prompts import BUILTIN_SETS, PARTS
 from abliterate.selection import Selection
 from abliterate.settings import Settings
@@ -48,7 +59,8 @@ def save_model(
                 f"  the edit was evaluated in {str(computed).replace('torch.', '')}; saving the "
                 f"{str(lm.source_dtype).replace('torch.', '')} source weights with the same edit"
             )
-        source = load(lm.source, "source", "cpu", lm.trust_remote_code, lm.allow_pickle, progress or (lambda _: None))
+        options = dataclasses.replace(lm.options, dtype="source", device="cpu")
+        source = load(lm.source, options, progress or (lambda _: None))
         orthogonalize(source.model, source.arch, edit[0], edit[1], dtype=target)
         net = source.model
     net.to(target)  # the edited tensors are in `target` already; every other one is cast once, if at all
@@ -57,10 +69,10 @@ def save_model(
     finally:
         if net is lm.model:
             net.to(computed)
-    lm.tokenizer.padding_side = "left"
-    # The run lowered model_max_length to leave room for answers; save the model's real context.
-    lm.tokenizer.model_max_length = context_length(net) or lm.tokenizer.model_max_length
-    lm.tokenizer.save_pretrained(folder)
+    tokenizer = copy.copy(lm.tokenizer)  # a copy: the loaded tokenizer is left as it is
+    tokenizer.padding_side = "left"
+    tokenizer.model_max_length = context_length(net) or tokenizer.model_max_length  # the model's real context
+    tokenizer.save_pretrained(folder)
 
 
 def save_directions(
@@ -111,41 +123,169 @@ def split_record(settings: Settings, splits: dict) -> dict:
     }
 
 
+RECORD = "abliteration.json"
+SCHEMA = 2  # layout of abliteration.json; files without "schema" are version 1, which reads the same
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model a run edited."""
+
+    spec: str
+    kind: str
+    base_model: str | None = None
+    license: str | None = None
+    sha256: str | None = None
+    model_type: str | None = None
+    num_layers: int | None = None
+    source_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class EditInfo:
+    """The edit, enough to apply it again: its parameters and where its direction is stored."""
+
+    kind: str  # "orthogonalize" (remove refusal) or "induce" (strengthen it)
+    scale: float
+    start_layer: int = 0
+    norm_preserving: bool = False
+    edited_tensors: list[str] = dataclasses.field(default_factory=list)
+    tie_word_embeddings: bool = False
+    direction_file: str = "directions.safetensors"
+    direction_key: str = "direction"
+
+    @property
+    def params(self) -> EditParams:
+        """The parameters orthogonalize() takes."""
+        return EditParams(self.scale, self.start_layer, self.norm_preserving)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything needed to reproduce a run and to re-apply its edit: the content of abliteration.json."""
+
+    abliterate_version: str
+    created: str
+    model: ModelInfo
+    edit: EditInfo
+    selection: dict[str, Any]  # the chosen layer and position, the reason, every candidate's scores
+    settings: dict[str, Any]  # Settings.as_dict() of the run
+    seed: int
+    refusal_tokens: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prompts: dict[str, Any] = dataclasses.field(default_factory=dict)  # sizes and hashes of every part
+    split: dict[str, Any] | None = None  # how the prompts were cut (split_record); None in version-1 files
+    metrics: Metrics | None = None  # None for --no-eval runs
+    versions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    applied_to: dict[str, Any] | None = None  # set by `apply`: the model the edit was re-applied to
+    adapter: dict[str, Any] | None = None  # set by `export-adapter`
+    schema: int = SCHEMA
+
+    @property
+    def induce(self) -> bool:
+        """Whether the edit strengthens refusal instead of removing it."""
+        return self.edit.kind == "induce"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form, in the file's key order."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data = {"schema": self.schema, **{k: v for k, v in data.items() if k != "schema"}}
+        data |= {"model": asdict(self.model), "edit": asdict(self.edit)}
+        data["metrics"] = self.metrics.as_dict() if self.metrics else {}
+        return {k: v for k, v in data.items() if v is not None or k == "split"}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RunRecord:
+        """Validate the JSON form; raises ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        schema = data.get("schema", 1)
+        if not isinstance(schema, int) or schema > SCHEMA:
+            raise ValueError(f"schema {schema!r} is newer than this abliterate reads ({SCHEMA}); upgrade abliterate")
+        missing = [k for k in ("abliterate_version", "model", "edit", "selection", "settings", "seed") if k not in data]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in known}
+        try:
+            fields |= {
+                "schema": SCHEMA,  # read once, written back in the current layout
+                "created": str(data.get("created", "")),
+                "model": _typed(ModelInfo, data["model"]),
+                "edit": _typed(EditInfo, data["edit"]),
+                "metrics": Metrics.from_dict(data.get("metrics")),
+            }
+            record = cls(**fields)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed {exc}") from None
+        if record.edit.kind not in ("orthogonalize", "induce"):
+            raise ValueError(f"unknown edit kind {record.edit.kind!r}")
+        return record
+
+
+def _typed(kind: type, data: Any):
+    """A dataclass from its JSON object, unknown keys ignored; TypeError when a required one is missing."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{kind.__name__} is not an object")
+    names = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v for k, v in data.items() if k in names})
+
+
+def write_record(folder: Path, record: RunRecord) -> None:
+    """Write abliteration.json into a (staging) folder."""
+    write_json(folder / RECORD, record.as_dict())
+
+
+def load_record(where: str | Path) -> RunRecord:
+    """Read a run's record from its folder or its abliteration.json; one-line error if absent or not a record."""
+    path = Path(where).expanduser()
+    file = path / RECORD if path.is_dir() else path
+    if not file.is_file():
+        raise AbliterateError(f"{path} has no {RECORD}; pass the --out folder of a finished run (or its {RECORD})")
+    try:
+        return RunRecord.from_dict(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise AbliterateError(f"{file} is not a usable run record ({exc}); pass a run's {RECORD}") from None
+
+
+def base_model(source: ModelSource) -> str | None:
+    """The hub id of the original model: what resolve() found, or what a folder we wrote records."""
+    if source.kind == "folder" and source.path is not None and (source.path / RECORD).is_file():
+        return load_record(source.path).model.base_model
+    return source.base_model
+
+
 def record(
-    lm: LoadedModel, settings: Settings, splits: dict, selection: Selection, edited: list[str], metrics: dict
-) -> dict:
+    lm: LoadedModel, settings: Settings, splits: dict, selection: Selection, edited: list[str], metrics: Metrics | None
+) -> RunRecord:
     """Everything needed to reproduce the run and to re-apply the edit."""
     chosen = selection.chosen
     src = lm.source
-    return {
-        "abliterate_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "spec": src.spec,
-            "kind": src.kind,
-            "base_model": src.base_model,
-            "license": src.license,
-            "sha256": src.sha256,
-            "model_type": lm.model.config.model_type,
-            "num_layers": getattr(lm.model.config, "num_hidden_layers", None),
-            "source_dtype": str(lm.source_dtype).replace("torch.", ""),
-        },
-        "prompts": {
-            key: {
-                part: {"n": len(getattr(s, part)), "sha256": getattr(s, part).sha256}
-                for part in ("train", "val", "test")
-            }
+    return RunRecord(
+        abliterate_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(
+            spec=src.spec,
+            kind=src.kind,
+            base_model=base_model(src),
+            license=src.license,
+            sha256=src.sha256,
+            model_type=lm.model.config.model_type,
+            num_layers=getattr(lm.model.config, "num_hidden_layers", None),
+            source_dtype=str(lm.source_dtype).replace("torch.", ""),
+        ),
+        prompts={
+            key: {part: {"n": len(getattr(s, part)), "sha256": getattr(s, part).sha256} for part in PARTS}
             for key, s in splits.items()
         },
-        "split": split_record(settings, splits),
-        "settings": settings.as_dict(),
-        "seed": settings.seed,
-        "refusal_tokens": {
+        split=split_record(settings, splits),
+        settings=settings.as_dict(),
+        seed=settings.seed,
+        refusal_tokens={
             "ids": list(selection.refusal_tokens.ids),
             "tokens": list(selection.refusal_tokens.tokens),
             "precision": selection.refusal_tokens.precision,
         },
-        "selection": {
+        selection={
             "position": chosen.position,
             "layer": chosen.layer,
             "reason": selection.reason,
@@ -156,67 +296,45 @@ def record(
             },
             "candidates": [s.as_dict() for s in selection.scores],
         },
-        "edit": {
-            "kind": "induce" if chosen.scale < 0 else "orthogonalize",
-            "direction_file": "directions.safetensors",
-            "direction_key": "direction",
-            "scale": chosen.scale,
-            "start_layer": chosen.start_layer,
-            "norm_preserving": settings.norm_preserving,
-            "edited_tensors": edited,
-            "tie_word_embeddings": bool(getattr(lm.model.config, "tie_word_embeddings", False)),
-        },
-        "metrics": metrics,
-        "versions": _versions(),
-    }
+        edit=EditInfo(
+            kind="induce" if chosen.scale < 0 else "orthogonalize",
+            scale=chosen.scale,
+            start_layer=chosen.start_layer,
+            norm_preserving=settings.norm_preserving,
+            edited_tensors=edited,
+            tie_word_embeddings=bool(getattr(lm.model.config, "tie_word_embeddings", False)),
+        ),
+        metrics=metrics,
+        versions=_versions(),
+    )
 
 
 @dataclass(frozen=True)
 class RecordedEdit:
     """A run's edit, read back from its abliteration.json and the directions file beside it."""
 
-    record: dict
-    params: EditParams
+    record: RunRecord
     direction: torch.Tensor
     directions_file: Path
 
+    @property
+    def params(self) -> EditParams:
+        """The recorded edit's parameters."""
+        return self.record.edit.params
+
 
 def read_edit(edit_file: str | Path) -> RecordedEdit:
-    """Read the edit `record()` wrote; a one-line error if the file is missing or not a record."""
-    from safetensors.torch import load_file
-
+    """The recorded edit and its direction; a one-line error if either is missing or unusable."""
     path = Path(edit_file).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise AbliterateError(f"edit file {path} does not exist; pass the abliteration.json of a run")
+    rec = load_record(path)
+    folder = path if path.is_dir() else path.parent
+    directions_file = folder / rec.edit.direction_file
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-        edit = rec["edit"]
-        params = EditParams(
-            float(edit["scale"]), int(edit.get("start_layer", 0)), bool(edit.get("norm_preserving", False))
-        )
-        directions_file = path.parent / edit["direction_file"]
-        direction = load_file(str(directions_file))[edit["direction_key"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as exc:
+        direction = load_file(str(directions_file))[rec.edit.direction_key]
+    except (KeyError, OSError, ValueError, SafetensorError) as exc:
         raise AbliterateError(
-            f"{path} is not a usable abliteration record ({exc}); pass a run's abliteration.json"
+            f"{directions_file} does not hold the run's direction ({exc}); keep it beside the run's {RECORD}"
         ) from None
-    return RecordedEdit(rec, params, direction, directions_file)
-
-
-def answers_record(before: dict, after: dict) -> dict:
-    """Every test prompt with both answers and labels, for auditing the judge."""
-    result = {}
-    for key in ("harmful", "benign"):
-        b, a = before[key], after[key]
-        result[key] = [
-            {
-                "prompt": b.prompts[i],
-                "category": b.categories[i],
-                "before": b.responses[i],
-                "before_label": b.labels[i],
-                "after": a.responses[i],
-                "after_label": a.labels[i],
-            }
-            for i in range(len(b.prompts))
-        ]
-    return result
+    return RecordedEdit(rec, direction, directions_file)

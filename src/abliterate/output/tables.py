@@ -1,22 +1,12 @@
-"""Human-readable output of a run: the candidate table and the before/after table."""
+"""Terminal tables: the candidate directions, and the before/after metrics."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
+from abliterate.evaluation.metrics import Metrics
 from abliterate.selection import Selection
-
-LABELS = {
-    "harmful_refusal": "Refusal, harmful test prompts",
-    "harmful_degenerate": "Degenerate, harmful test prompts",
-    "benign_refusal": "Over-refusal, benign alarming prompts",
-    "benign_degenerate": "Degenerate, benign alarming prompts",
-}
-
-
-def _pct(rate: dict) -> str:
-    return f"{100 * rate['value']:.1f}% [{100 * rate['low']:.0f}-{100 * rate['high']:.0f}] ({rate['k']}/{rate['n']})"
 
 
 def print_candidates(console: Console, selection: Selection, limit: int = 12) -> None:
@@ -48,38 +38,12 @@ def print_candidates(console: Console, selection: Selection, limit: int = 12) ->
     )
 
 
-def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
-    """(metric, before, after, paired p) rows shared by the terminal table and the model card."""
-    rows = []
-    for key, name in LABELS.items():
-        m = metrics[key]
-        rows.append((name, _pct(m["before"]), _pct(m["after"]), f"{m['p_value']:.3g}"))
-    kl_rows = (
-        ("kl_first_token_harmless", "First-token KL, harmless test prompts"),
-        ("kl_answer_harmless", "Per-token KL on the original's harmless answers"),
-    )
-    for key, name in kl_rows:
-        if kl := metrics.get(key):
-            rows.append((name, "0", f"{kl['value']:.4f} [{kl['low']:.4f}-{kl['high']:.4f}]", ""))
-    ppl_rows = (
-        ("perplexity_harmless_text", "Perplexity, plain harmless text"),
-        ("perplexity_original_answers", "Perplexity of the original's harmless answers"),
-    )
-    for key, name in ppl_rows:
-        if ppl := metrics.get(key):
-            rows.append((name, _ppl(ppl["before"]), _ppl(ppl["after"]), ""))
-    return rows
-
-
-def _ppl(m: dict) -> str:
-    return f"{m['value']:.2f} [{m['low']:.2f}-{m['high']:.2f}]"
-
-
-def print_metrics(console: Console, metrics: dict) -> None:
-    """Before/after table with 95% intervals and McNemar p-values."""
-    table = Table(title="before / after (95% intervals; p: exact McNemar on the same prompts)")
-    for col in ("metric", "before", "after", "p"):
+def print_metrics(console: Console, metrics: Metrics, before: str = "before", after: str = "after") -> None:
+    """The before/after table (or one model's numbers) with 95% intervals and McNemar p-values."""
+    title = "95% intervals" + ("; p: exact McNemar on the same prompts" if metrics.paired else "")
+    table = Table(title=f"{before} / {after} ({title})" if metrics.paired else f"{after} ({title})")
+    for col in metrics.header(before, after):
         table.add_column(col)
-    for row in metrics_rows(metrics):
+    for row in metrics.rows():
         table.add_row(*row)
     console.print(table)
