@@ -220,3 +220,19 @@ def test_pareto_front_keeps_only_undominated_edits():
     assert [(p["kl"], p["refusal"]) for p in front] == [(0.05, 1.0), (0.10, -2.0), (0.30, -4.0)]
     # Inducing wants more refusal: now the kl 0.05 / refusal 1.0 edit beats everything above it.
     assert [(p["kl"], p["refusal"]) for p in pareto_front(points, induce=True)] == [(0.05, 1.0)]
+
+
+def test_report_markdown_prints_the_recorded_table_and_writes_nothing(run_dir, tmp_path, capsys):
+    folder = copy_run(run_dir, tmp_path / "md")
+    before = sorted(p.name for p in folder.rglob("*"))
+    assert cli.main(["report", str(folder), "--markdown"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    metrics = Metrics.from_dict(json.loads((folder / "abliteration.json").read_text())["metrics"])
+    assert lines[0] == "| metric | original | abliterated | paired p |" and lines[1] == "|---|---|---|---|"
+    assert lines[2:] == ["| " + " | ".join(row) + " |" for row in metrics.rows()]
+    assert lines[2].startswith("| Refusal, harmful test prompts | ") and lines[2].count("/4)") == 2
+    assert sorted(p.name for p in folder.rglob("*")) == before  # nothing written
+    record = json.loads((folder / "abliteration.json").read_text())
+    (folder / "abliteration.json").write_text(json.dumps({**record, "metrics": {}}))
+    assert cli.main(["report", str(folder), "--markdown"]) == 2
+    assert "not evaluated" in capsys.readouterr().err

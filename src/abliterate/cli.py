@@ -168,7 +168,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from abliterate.output.html import write_report
+    from abliterate.output.record import load_record
+    from abliterate.output.tables import markdown
 
+    if args.markdown:  # the results table as the record holds it, for pasting (never retyping) into a README
+        metrics = load_record(args.run_dir).metrics
+        if metrics is None:
+            raise AbliterateError(f"{args.run_dir} was not evaluated (--no-eval); run it without --no-eval")
+        print("\n".join(markdown(metrics.header("original", "abliterated"), metrics.rows())))
+        return 0
     print(write_report(Path(args.run_dir).expanduser()))
     return 0
 
@@ -326,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.set_defaults(func=_cmd_judge_accuracy)
     report = sub.add_parser("report", help="re-render a run folder's report.html and report/*.png from its files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished run")
+    report.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the before/after table as Markdown from the record; write nothing",
+    )
     report.set_defaults(func=_cmd_report)
     to_gguf = sub.add_parser(
         "export-gguf", help="write a saved model folder as a GGUF file for llama.cpp, Ollama, LM Studio"

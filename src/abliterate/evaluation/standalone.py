@@ -214,10 +214,6 @@ def _cell(text: str, limit: int = 600) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>") or "(empty)"
 
 
-def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def markdown(result: dict) -> str:
     """The report as Markdown: main table, per-category table, sample answers side by side."""
     s = result["settings"]
@@ -232,7 +228,7 @@ def markdown(result: dict) -> str:
     ]
     metrics = Metrics.from_dict(result["metrics"])
     assert metrics is not None  # a report always measured the model
-    lines += _md_table(metrics.header("baseline", "model"), metrics.rows())
+    lines += tables.markdown(metrics.header("baseline", "model"), metrics.rows())
     lines += [
         "",
         "Rates: 95% Wilson intervals. Means: 95% bootstrap intervals over prompts. "
@@ -246,7 +242,7 @@ def markdown(result: dict) -> str:
     ]  # fmt: skip
     for key, name in RATE_ROWS.items():
         header = ("category", "n", "baseline", "model") if baseline else ("category", "n", "model")
-        lines += ["", f"### {name}", "", *_md_table(header, metrics.rates[key].category_rows())]
+        lines += ["", f"### {name}", "", *tables.markdown(header, metrics.rates[key].category_rows())]
     lines += ["", "## Sample answers"]
     for key, title in SETS.items():
         lines += ["", f"### {title}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abliterate.output.record import RunRecord
+from abliterate.output.tables import markdown
 
 
 def model_card(rec: RunRecord) -> str:
@@ -39,9 +40,7 @@ def model_card(rec: RunRecord) -> str:
         lines += [f"This edit was re-applied to `{rec.applied_to['source']}` with `abliterate apply`; the numbers below "
                   "were measured by the run that made it.", ""]  # fmt: skip
     if rec.metrics:
-        header = rec.metrics.header("original", "abliterated")
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rec.metrics.rows()]
+        lines += markdown(rec.metrics.header("original", "abliterated"), rec.metrics.rows())
         lines += [
             "",
             "Rates over all answers with 95% Wilson intervals; p is an exact McNemar test on the same prompts; "

@@ -38,6 +38,11 @@ def print_candidates(console: Console, selection: Selection, limit: int = 12) ->
     )
 
 
+def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A Markdown table's lines: the model card, `evaluate`'s report and `report --markdown` print with it."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def print_metrics(console: Console, metrics: Metrics, before: str = "before", after: str = "after") -> None:
     """The before/after table (or one model's numbers) with 95% intervals and McNemar p-values."""
     title = "95% intervals" + ("; p: exact McNemar on the same prompts" if metrics.paired else "")
