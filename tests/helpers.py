@@ -1,12 +1,17 @@
-"""Helpers shared by the test modules: CLI runners, prompt options and checks of saved models."""
+"""Helpers shared by the test modules: CLI runners, prompt options, checks of saved models, a PostgreSQL server."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -161,3 +166,83 @@ def check_run_folder(
             rel = (h.double() @ direction).abs() / h.double().norm(dim=-1)
             assert rel.max() < direction_tolerance
     return record, reloaded
+
+
+POSTGRES_PROGRAMS = ("initdb", "pg_ctl", "postgres", "createdb")
+
+
+def postgres_bin() -> Path | None:
+    """The folder holding PostgreSQL's server programs: on PATH first, then Debian's /usr/lib/postgresql/<ver>/bin, newest first."""
+    candidates = []
+    if found := shutil.which("pg_ctl"):
+        candidates.append(Path(found).resolve().parent)  # Path.resolve: a symlink on PATH leads to the real folder
+    versions = Path("/usr/lib/postgresql").glob("*/bin")
+    candidates += sorted(versions, key=lambda b: [int(p) if p.isdigit() else 0 for p in b.parent.name.split(".")], reverse=True)  # fmt: skip
+    return next((b for b in candidates if all(os.access(b / p, os.X_OK) for p in POSTGRES_PROGRAMS)), None)
+
+
+def postgres_user() -> str | None:
+    """The account the server runs as: ours, or when we are root (which PostgreSQL refuses) Debian's postgres or nobody."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    return None
+
+
+def start_postgres(database: str = "abliterate") -> tuple[str, Callable[[], None]]:
+    """Start a throwaway PostgreSQL server; return its SQLAlchemy URL and a function that stops it and deletes it all.
+
+    initdb runs into a fresh folder under the system temp dir (not pytest's tmp_path: that is private to
+    the user running the tests, and as root the server runs as another account that must enter it),
+    with trust auth and a role named `abliterate`; the server listens on a Unix socket in that folder
+    only (no TCP), so it neither needs nor takes a network port. Raises RuntimeError with the server's
+    log when something fails; postgres_bin() and postgres_user() tell beforehand whether it can work.
+    """
+    bin_dir, user = postgres_bin(), postgres_user()
+    if bin_dir is None or user is None:
+        raise RuntimeError("PostgreSQL's programs or a non-root account to run them are missing")
+    as_user = ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
+    base = Path(tempfile.mkdtemp(prefix="abliterate-pg-"))
+    data, sock, log = base / "data", base / "sock", base / "server.log"
+    sock.mkdir()
+    log.touch()
+    if as_user:
+        owner = pwd.getpwnam(user)
+        for path in (base, sock, log):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "LC_ALL": "C"}
+    # a free port: with no TCP it only names the socket file, but stays safe if TCP is turned on
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run(*cmd: str | Path, user_side: bool = True) -> None:
+        done = subprocess.run([*(as_user if user_side else []), *map(str, cmd)], cwd=base, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        if done.returncode != 0:
+            server_log = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{Path(str(cmd[0])).name} failed: {done.stdout}{done.stderr}{server_log}")
+
+    def stop() -> None:
+        try:
+            if (data / "postmaster.pid").exists():
+                run(bin_dir / "pg_ctl", "-D", data, "stop", "-m", "fast", "-w")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    try:
+        run(bin_dir / "initdb", "-D", data, "-U", "abliterate", "--auth=trust", "--encoding=UTF8", "--locale=C",
+            "--no-sync")  # fmt: skip
+        with (data / "postgresql.conf").open("a") as conf:  # fast and private: a test server that is thrown away
+            conf.write(f"listen_addresses = ''\nunix_socket_directories = '{sock}'\nport = {port}\n"
+                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")  # fmt: skip
+        run(bin_dir / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start")
+        run(bin_dir / "createdb", "-h", sock, "-p", str(port), "-U", "abliterate", database, user_side=False)
+    except BaseException:
+        stop()
+        raise
+    return f"postgresql+psycopg2://abliterate@/{database}?host={sock}&port={port}", stop
