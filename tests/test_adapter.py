@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from abliterate.architectures import architecture_for
-from abliterate.edit import EditParams, orthogonalize
+from abliterate.edit import EditParams, Profile, orthogonalize
 from abliterate.errors import AbliterateError
 from abliterate.export.adapter import build, export_adapter
 from abliterate.tiny import VOCAB, recorded_edit, save_tiny_checkpoint, tiny_model
@@ -26,19 +26,21 @@ def load(folder):
 
 
 CASES = [
-    ("llama", {"tie_word_embeddings": False}, 1.0, 0),
-    ("llama", {"tie_word_embeddings": True}, 1.0, 0),  # the head keeps the original embedding
-    ("qwen2", {}, 0.7, 1),
-    ("gpt2", {}, 1.0, 0),  # Conv1D, biases (lora_bias), two embeddings, tied head
-    ("gemma2", {}, -1.0, 0),  # post-norm writers, induced
-    ("mixtral", {}, 1.0, 0),  # fused experts via target_parameters
+    ("llama", {"tie_word_embeddings": False}, EditParams()),
+    ("llama", {"tie_word_embeddings": True}, EditParams()),  # the head keeps the original embedding
+    ("qwen2", {}, EditParams(0.7, 1)),
+    ("gpt2", {}, EditParams()),  # Conv1D, biases (lora_bias), two embeddings, tied head
+    ("gemma2", {}, EditParams(-1.0)),  # post-norm writers, induced
+    ("mixtral", {}, EditParams()),  # fused experts via target_parameters
+    # a searched edit: per-layer strengths for attention and experts, each writer its own
+    ("mixtral", {}, EditParams(attention=Profile(0.8, 1.0, 1.0, 0.3), mlp=Profile(0.5, 2.0, 1.0), embeddings=True)),
 ]
 
 
-@pytest.mark.parametrize(("model_type", "overrides", "scale", "start_layer"), CASES)
-def test_adapter_reproduces_the_edited_model(tmp_path, model_type, overrides, scale, start_layer):
+@pytest.mark.parametrize(("model_type", "overrides", "params"), CASES)
+def test_adapter_reproduces_the_edited_model(tmp_path, model_type, overrides, params):
     source = save_tiny_checkpoint(tmp_path / "base", model_type, **overrides)
-    edit = recorded_edit(tmp_path / "run", 64, scale, start_layer)
+    edit = recorded_edit(tmp_path / "run", 64, params=params)
     out = export_adapter(str(edit.parent), str(source), str(tmp_path / "adapter"))
 
     config = json.loads((out / "adapter_config.json").read_text())
@@ -50,7 +52,7 @@ def test_adapter_reproduces_the_edited_model(tmp_path, model_type, overrides, sc
 
     edited = load(source)
     orthogonalize(edited, architecture_for(edited), load_file(str(edit.parent / "directions.safetensors"))["direction"],
-                  EditParams(scale, start_layer))  # fmt: skip
+                  params)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adapted = PeftModel.from_pretrained(load(source), str(out)).eval()

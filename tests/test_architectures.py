@@ -24,7 +24,16 @@ from abliterate.architectures import (
     get,
     layers,
 )
-from abliterate.edit import EditParams, _resolve_weights, ablation, add_hooks, orthogonalize, unit, writer_directions
+from abliterate.edit import (
+    EditParams,
+    Profile,
+    _resolve_weights,
+    ablation,
+    add_hooks,
+    orthogonalize,
+    unit,
+    writer_directions,
+)
 from abliterate.errors import AbliterateError
 from abliterate.tiny import VOCAB, tiny_model
 
@@ -179,7 +188,13 @@ def test_weight_edit_removes_component_everywhere(model_type):
         assert (changed > 1e-6).all(), (spec, changed)  # every expert's slice was edited, not just some
 
 
-@pytest.mark.parametrize("params", [EditParams(), EditParams(scale=-0.5)], ids=["remove", "induce"])
+# A searched edit: attention and feed-forward writers on their own layer profiles, embeddings left alone.
+PROFILED = EditParams(attention=Profile(0.9, 0.5, 1.5, 0.3), mlp=Profile(-0.4, 2.0, 1.0), embeddings=False)
+
+
+@pytest.mark.parametrize(
+    "params", [EditParams(), EditParams(scale=-0.5), PROFILED], ids=["remove", "induce", "profiled"]
+)
 @pytest.mark.parametrize("model_type", COVERED)
 def test_hooks_equal_weight_edit(model_type, params):
     model, arch, ids, r = _setup(model_type, seed=1)
@@ -366,3 +381,11 @@ def test_table_entry_naming_the_wrong_tensor_is_an_error_before_any_edit():
     with pytest.raises(AbliterateError, match=r"k_proj.* 32 entries .* hidden size 64"):
         orthogonalize(model, wrong, torch.randn(64, dtype=torch.float64))
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("model_type", COVERED)
+def test_every_layer_has_a_token_mixer_or_feed_forward_writer_of_a_declared_kind(model_type):
+    """Profiles pick writers by kind: each table entry declares its token mixers, so a profile reaches them."""
+    model, arch, _, _ = _setup(model_type)
+    kinds = {w.kind for writers in all_layer_writers(model, arch) for w in writers}
+    assert kinds <= {"mixer", "mlp"} and "mixer" in kinds, kinds

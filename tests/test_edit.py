@@ -7,7 +7,8 @@ import torch
 from helpers import residual_streams
 
 from abliterate.architectures import architecture_for
-from abliterate.edit import EditParams, ablation, orthogonalize, unit
+from abliterate.directions import Candidates
+from abliterate.edit import EditParams, Profile, ablation, orthogonalize, unit
 from abliterate.tiny import VOCAB, tiny_model
 
 TYPES = ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt2"]
@@ -67,3 +68,45 @@ def test_saved_edit_reloads_with_same_logits(model_type, tmp_path, rng):
         tmp_path, dtype=torch.float64, attn_implementation=model.config._attn_implementation
     ).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-7, atol=1e-8)
+
+
+def test_profile_strengths_and_which_writers_they_reach():
+    p = Profile(peak=1.0, center=2.0, width=2.0, floor=0.2)
+    assert [p.at(i) for i in range(6)] == pytest.approx([0.2, 0.6, 1.0, 0.6, 0.2, 0.0])
+    assert Profile(0.5, 1.0, 0.0).at(1) == 0.5 and Profile(0.5, 1.0, 0.0).at(2) == 0.0  # width 0: one layer
+    params = EditParams(scale=0.3, attention=p, embeddings=True)
+    assert params.writer_scale(1, "mixer") == pytest.approx(0.6)  # the attention profile
+    assert params.writer_scale(1, "mlp") == 0.3  # no mlp profile: scale from start_layer on
+    assert params.embedding_scale == 0.3 and not params.full
+    assert EditParams(start_layer=2).embedding_scale == 0 and EditParams().full
+    assert EditParams(embeddings=False).embedding_scale == 0 and not EditParams(embeddings=False).full
+
+
+def test_a_profiled_edit_touches_exactly_the_writers_it_reaches(rng):
+    model = tiny_model("llama", dtype=torch.float64)
+    arch = architecture_for(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    r = torch.randn(64, generator=rng, dtype=torch.float64)
+    params = EditParams(attention=Profile(1.0, 0.0, 0.0), mlp=Profile(0.5, 2.0, 0.5), embeddings=False)
+    edited = set(orthogonalize(model, arch, r, params))
+    assert edited == {"model.layers.0.self_attn.o_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) == (name not in edited), name  # the rest bit for bit
+    u = unit(r)
+    o_proj = model.model.layers[0].self_attn.o_proj.weight
+    assert (u @ o_proj).abs().max() < 1e-12  # strength 1: the whole component gone
+    down, old = model.model.layers[2].mlp.down_proj.weight, before["model.layers.2.mlp.down_proj.weight"]
+    torch.testing.assert_close(u @ down, 0.5 * (u @ old))  # strength 0.5: half of it
+
+
+def test_a_direction_between_layers_blends_its_neighbours():
+    directions = torch.zeros(1, 3, 4, dtype=torch.float64)
+    directions[0, 0, 0] = directions[0, 1, 1] = directions[0, 2, 2] = 1.0
+    c = Candidates(directions.clone(), directions)
+    torch.testing.assert_close(c.between(0, 1.0), directions[0, 1])
+    torch.testing.assert_close(c.between(0, 2.0), directions[0, 2])
+    half = c.between(0, 0.5)
+    assert half.norm() == pytest.approx(1.0) and half[0] == pytest.approx(half[1]) and half[2] == 0
+    assert c.between(0, 1.25)[1] > c.between(0, 1.25)[2] > 0
+    with pytest.raises(ValueError, match="outside 0..2"):
+        c.between(0, 2.5)

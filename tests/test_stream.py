@@ -10,6 +10,7 @@ from helpers import all_tensors
 from safetensors.torch import load_file, save_file
 
 from abliterate.apply import apply as apply_edit
+from abliterate.output.record import load_record
 from abliterate.tiny import recorded_edit, tiny_model, tiny_tokenizer
 
 
@@ -119,3 +120,23 @@ def test_streamed_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     expected = reference.state_dict()
     assert set(streamed) == set(expected)
     assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[k]) for k, t in streamed.items())
+
+
+def test_a_profiled_edit_streams_bit_for_bit_as_in_memory(tmp_path):
+    from abliterate.edit import EditParams, Profile
+
+    source = tmp_path / "source"
+    tiny_model("qwen2", dtype=torch.float32).save_pretrained(source, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(source)
+    params = EditParams(attention=Profile(0.9, 1.0, 1.0, 0.4), mlp=Profile(0.6, 2.0, 0.0), embeddings=False)
+    edit = recorded_edit(tmp_path / "run", 64, params=params)
+    memory = apply_edit(str(source), str(edit), str(tmp_path / "memory"), in_memory=True)
+    streamed = apply_edit(str(source), str(edit), str(tmp_path / "streamed"))
+    a, b = all_tensors(memory), all_tensors(streamed)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    original = all_tensors(source)
+    changed = sorted(k for k in a if not torch.equal(a[k], original[k]))
+    assert changed == sorted(json.loads((streamed / "abliteration.json").read_text())["edit"]["edited_tensors"])
+    assert "model.embed_tokens.weight" not in changed and "model.layers.1.mlp.down_proj.weight" not in changed
+    assert "model.layers.0.self_attn.o_proj.weight" in changed and "model.layers.2.mlp.down_proj.weight" in changed
+    assert load_record(streamed).edit.params == params  # the record keeps the whole edit

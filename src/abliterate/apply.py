@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from rich.console import Console
 
 from abliterate import files, model
+from abliterate.architectures import input_embeddings
 from abliterate.edit import orthogonalize
 from abliterate.errors import AbliterateError
 from abliterate.export import hub, sharded
@@ -20,7 +20,7 @@ from abliterate.settings import LoadOptions
 
 def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype: str = "auto",
           load: LoadOptions = LoadOptions(), console: Console | None = None, push_to_hub: str | None = None,
-          in_memory: bool = False) -> Path:  # fmt: skip
+          in_memory: bool = False, trial: int | None = None) -> Path:  # fmt: skip
     """Re-apply a recorded edit (abliteration.json + its directions file) to a model and save it.
 
     A local safetensors folder is edited shard by shard (peak memory about one shard) unless
@@ -31,7 +31,7 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
     """
     console = console or Console(stderr=True, soft_wrap=True)
     model.save_dtype(dtype, torch.float32)  # an unknown dtype fails before anything is read
-    recorded = run_record.read_edit(edit_file)
+    recorded = run_record.read_edit(edit_file, trial)  # trial: another point of a searched run's front
     params, direction = recorded.params, recorded.direction
     out = files.check_output(out_dir, force)
     if push_to_hub:
@@ -39,6 +39,7 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
     resolved = model.resolve(source, load.allow_pickle)
     plan = None
     if resolved.kind == "folder" and not in_memory:
+        assert resolved.path is not None  # resolve() gives every local source its folder
         try:
             plan = sharded.prepare(resolved.path, direction, params, dtype, load.device, load.trust_remote_code)
             console.print(f"[bold]streaming[/] {source}: {len(plan.shards)} shard(s), one at a time")
@@ -47,7 +48,7 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
     if plan is None:
         console.print(f"[bold]loading[/] {source}")
         lm = model.load(resolved, replace(load, dtype="source"), console.print)
-        if direction.shape[-1] != lm.model.get_input_embeddings().weight.shape[1]:
+        if direction.shape[-1] != input_embeddings(lm.model).weight.shape[1]:
             raise AbliterateError(
                 f"the direction has {direction.shape[-1]} dimensions but {source} has a different hidden size; use the model the edit was made on"
             )
@@ -57,7 +58,7 @@ def apply(source: str, edit_file: str, out_dir: str, force: bool = False, dtype:
             run_record.save_model(lm, tmp, dtype)
         else:
             edited = plan.write(tmp)
-        shutil.copyfile(recorded.directions_file, tmp / "directions.safetensors")
+        recorded.save_directions(tmp)
         applied = replace(
             recorded.record,
             applied_to={"source": source, "sha256": resolved.sha256},

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
 
 from abliterate.errors import AbliterateError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,9 @@ class Param:
 
     path: str
     axis: int
+
+
+WriterKind = Literal["mixer", "mlp"]  # what an edit's per-layer profile is chosen for
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class Writer:
     output: str
     weights: tuple[str | Param, ...]
     post_norm: str | None = None
+    kind: WriterKind = "mlp"  # "mixer": attention or another token mixer; "mlp": a feed-forward block or experts
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ def _decoder(
         layers=f"{prefix}.layers",
         embeddings=(f"{prefix}.embed_tokens",),
         writers=(
-            Writer(attn, (f"{attn}.{attn_out}",), post_norm=post_norms[0]),
+            Writer(attn, (f"{attn}.{attn_out}",), post_norm=post_norms[0], kind="mixer"),
             Writer(mlp, mlp_weights, post_norm=post_norms[1]),
         ),
         final_norm=f"{prefix}.{final_norm}",
@@ -107,7 +115,7 @@ def _fused_moe(down_axis: int = 1, bias: bool = False, shared: str | None = None
     return _decoder(weights, mlp=mlp, fused_experts=True)
 
 
-_ATTENTION = Writer("self_attn", ("self_attn.o_proj",))
+_ATTENTION = Writer("self_attn", ("self_attn.o_proj",), kind="mixer")
 
 
 def _mixer(other: Writer, attention: Writer = _ATTENTION) -> OneOf:
@@ -116,7 +124,7 @@ def _mixer(other: Writer, attention: Writer = _ATTENTION) -> OneOf:
 
 
 def _mamba(path: str = "mamba") -> Writer:
-    return Writer(path, (f"{path}.out_proj",))
+    return Writer(path, (f"{path}.out_proj",), kind="mixer")
 
 
 def _moe_or_dense(mlp: str = "mlp", shared: str | None = "shared_experts", down_axis: int = 1) -> OneOf:
@@ -131,8 +139,10 @@ def _hybrid(*writers: Writer | OneOf, final_norm: str = "norm", fused_experts: b
     return Architecture("model.layers", ("model.embed_tokens",), writers, f"model.{final_norm}", fused_experts)
 
 
-_GATED_DELTA = _mixer(Writer("linear_attn", ("linear_attn.out_proj",)))
-_LFM2_MIXER = _mixer(Writer("conv", ("conv.out_proj",)), Writer("self_attn", ("self_attn.out_proj",)))
+_GATED_DELTA = _mixer(Writer("linear_attn", ("linear_attn.out_proj",), kind="mixer"))
+_LFM2_MIXER = _mixer(
+    Writer("conv", ("conv.out_proj",), kind="mixer"), Writer("self_attn", ("self_attn.out_proj",), kind="mixer")
+)
 _LFM2_MLP = Writer("feed_forward", ("feed_forward.w2",))
 
 _LLAMA_LIKE = "llama mistral qwen2 qwen3 phi3 granite gemma cohere cohere2 smollm3 olmo helium".split()
@@ -147,13 +157,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt2": Architecture(
         layers="transformer.h",
         embeddings=("transformer.wte", "transformer.wpe"),
-        writers=(Writer("attn", ("attn.c_proj",)), Writer("mlp", ("mlp.c_proj",))),
+        writers=(Writer("attn", ("attn.c_proj",), kind="mixer"), Writer("mlp", ("mlp.c_proj",))),
         final_norm="transformer.ln_f",
     ),
     "gpt_neox": Architecture(
         layers="gpt_neox.layers",
         embeddings=("gpt_neox.embed_in",),
-        writers=(Writer("attention", ("attention.dense",)), Writer("mlp", ("mlp.dense_4h_to_h",))),
+        writers=(Writer("attention", ("attention.dense",), kind="mixer"), Writer("mlp", ("mlp.dense_4h_to_h",))),
         final_norm="gpt_neox.final_layer_norm",
     ),
     **{t: _fused_moe() for t in ("mixtral", "qwen3_moe", "olmoe", "phimoe")},
@@ -208,7 +218,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "mixer",
                 (
                     _mamba("mixer"),
-                    Writer("mixer", ("mixer.o_proj",)),
+                    Writer("mixer", ("mixer.o_proj",), kind="mixer"),
                     Writer("mixer", ("mixer.down_proj",)),
                     Writer("mixer", ("mixer.fc2_latent_proj", "mixer.shared_experts.down_proj")),
                     Writer("mixer", (Param("mixer.experts.down_proj", 1), "mixer.shared_experts.down_proj")),
@@ -223,13 +233,13 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def model_type(model: nn.Module) -> str:
     """The transformers model_type of the text tower."""
-    config = model.config
+    config: Any = model.config  # a transformers config: which attributes it has depends on the family
     return getattr(getattr(config, "text_config", None), "model_type", None) or config.model_type
 
 
 def model_types(model: nn.Module) -> tuple[str, ...]:
     """The model's own model_type, then its text tower's if it has one (a VLM is tabled under its own)."""
-    config = model.config
+    config: Any = model.config
     return tuple(dict.fromkeys(t for t in (config.model_type, model_type(model)) if t))
 
 
@@ -267,7 +277,7 @@ def layers(model: nn.Module, arch: Architecture) -> nn.ModuleList:
 
 
 def _has(root: nn.Module, path: str) -> bool:
-    obj = root
+    obj: object = root
     for part in path.split("."):
         obj = getattr(obj, part, None)  # hybrids set the sublayer a layer lacks to None
         if obj is None:
@@ -317,8 +327,13 @@ def all_layer_writers(model: nn.Module, arch: Architecture) -> list[tuple[Writer
 
 def hidden_size(model: nn.Module) -> int:
     """Width of the residual stream."""
-    config = getattr(model.config, "text_config", None) or model.config
+    config: Any = getattr(model.config, "text_config", None) or model.config
     return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The token embedding of a transformers model (its weight is vocab x hidden)."""
+    return cast(nn.Embedding, cast("PreTrainedModel", model).get_input_embeddings())
 
 
 def post_norm_gain(norm: nn.Module, size: int) -> torch.Tensor:

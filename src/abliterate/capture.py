@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from abliterate.architectures import Architecture, layers
+from abliterate.architectures import Architecture, input_embeddings, layers
 from abliterate.edit import add_hooks
 from abliterate.errors import AbliterateError
 from abliterate.model import encode
@@ -68,17 +68,17 @@ def collect(
     """
     blocks = layers(model, arch)
     n_layers = len(blocks)
-    hidden = model.get_input_embeddings().weight.shape[1]
+    hidden = input_embeddings(model).weight.shape[1]
+    position_counts = torch.zeros(positions, dtype=torch.long)
     means = ResidualMeans(
-        torch.zeros(positions, n_layers + 1, hidden, dtype=torch.float64),
-        position_counts=torch.zeros(positions, dtype=torch.long),
+        torch.zeros(positions, n_layers + 1, hidden, dtype=torch.float64), position_counts=position_counts
     )
     store: list = [None] * (n_layers + 1)
     pre_hooks, post_hooks = [], []
     for i, block in enumerate(blocks):
         pre_hooks.append((block, _grab(store, i, positions)[0]))
     post_hooks.append((blocks[-1], _grab(store, n_layers, positions)[1]))
-    device = model.get_input_embeddings().weight.device
+    device = input_embeddings(model).weight.device
     # Similar lengths together waste less compute on padding; the means do not depend on order.
     ordered = sorted(texts, key=len)
     with add_hooks(pre_hooks, post_hooks):
@@ -93,12 +93,12 @@ def collect(
                 # where(), not a product: a pad row's activations may be NaN under a fully masked softmax
                 kept = torch.where(real.to(acts.device)[..., None], acts.double(), 0.0)
                 means.sums[:seen, i, :] += kept.sum(0).cpu()
-            means.position_counts[:seen] += real.sum(0).cpu()
+            position_counts[:seen] += real.sum(0).cpu()
             means.count += len(chunk)
             if on_batch:
                 on_batch(len(chunk))
-    if texts and means.position_counts.min() == 0:
-        longest = int((means.position_counts > 0).sum())
+    if texts and position_counts.min() == 0:
+        longest = int((position_counts > 0).sum())
         raise AbliterateError(
             f"--positions {positions} reaches past the longest prompt ({longest} tokens); lower --positions"
         )

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -52,7 +53,7 @@ def conversation_text(tokenizer, messages: list[dict], system: str | None) -> st
 
 def stream_answer(lm: model.LoadedModel, text: str, options: ChatOptions, write: Callable[[str], None]) -> str:
     """Generate in a thread and write each piece as it arrives; return the whole answer."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     tok = lm.tokenizer
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -74,7 +75,7 @@ def stream_answer(lm: model.LoadedModel, text: str, options: ChatOptions, write:
     def work() -> None:
         try:
             with torch.no_grad():
-                lm.model.generate(
+                cast(GenerationMixin, lm.model).generate(
                     **inputs, **sampling, max_new_tokens=options.max_new_tokens, streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]), pad_token_id=tok.pad_token_id,
                 )  # fmt: skip

@@ -28,11 +28,19 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         args.edit,
         args.out,
         args.force,
-        args.dtype,
-        LoadOptions.from_args(args),  # no --dtype among them: apply's --dtype is the save dtype
+        args.dtype,  # apply's --dtype is the save dtype; the model is read in its own
+        LoadOptions(device=args.device, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle),
         push_to_hub=args.push_to_hub,
         in_memory=args.in_memory,
+        trial=args.trial,
     )
+    return 0
+
+
+def _cmd_search_worker(args: argparse.Namespace) -> int:
+    from abliterate import pipeline
+
+    pipeline.search_worker(args.storage, args.study)
     return 0
 
 
@@ -236,7 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load the whole model instead of editing a safetensors folder shard by shard",
     )
+    apply.add_argument(
+        "--trial", type=int, metavar="N", help="a searched run: apply its Pareto-front trial N instead of its choice"
+    )
     apply.set_defaults(func=_cmd_apply)
+    worker = sub.add_parser("search-worker", help="join a search study another `run --search` started, and add trials")
+    worker.add_argument(
+        "--storage", required=True, help="the study's Optuna storage URL, e.g. postgresql://user@host/db"
+    )
+    worker.add_argument("--study", required=True, help="the study name `run --search` printed")
+    worker.set_defaults(func=_cmd_search_worker)
     chat = sub.add_parser(
         "chat", help="chat with a model in the terminal; --compare shows a second model's answers too"
     )
@@ -270,12 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: MODEL itself when it is a run's folder)",
     )  # fmt: skip
     recorded = "the run's set when there is a recorded split, else"
-    for name, default, help_ in (
+    for name, builtin, help_ in (
         ("--harmful", "harmful", "harmful prompts: built-in set name or file"),
         ("--benign", "benign_alarming", "benign prompts with alarming words: built-in set name or file"),
         ("--harmless", "harmless", "harmless prompts for KL and answer perplexity: built-in set name or file"),
     ):
-        ev.add_argument(name, default=None, help=f"{help_} (default: {recorded} {default})")
+        ev.add_argument(name, default=None, help=f"{help_} (default: {recorded} {builtin})")
     ev.add_argument(
         "--system-prompt", default=None, help="system prompt for every conversation (default: the template's)"
     )

@@ -23,6 +23,16 @@ class Candidates:
         """Unit direction of one candidate."""
         return self.directions[position, layer]
 
+    def between(self, position: int, layer: float) -> torch.Tensor:
+        """Unit direction at a fractional layer index: the normalized blend of the two neighbouring layers'."""
+        last = self.directions.shape[1] - 1
+        if not 0 <= layer <= last:
+            raise ValueError(f"layer index {layer} is outside 0..{last}")
+        low = min(int(layer), last - 1) if last > 0 else 0
+        share = layer - low
+        blend = (1 - share) * self.directions[position, low] + share * self.directions[position, min(low + 1, last)]
+        return blend / blend.norm().clamp_min(1e-12)
+
     def diff(self, position: int, layer: int) -> torch.Tensor:
         """Unnormalized mean difference of one candidate."""
         return self.diffs[position, layer]

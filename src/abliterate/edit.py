@@ -5,13 +5,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from abliterate.architectures import Architecture, Param, all_layer_writers, get, hidden_size, layers, post_norm_gain
+from abliterate.architectures import (
+    Architecture,
+    Param,
+    WriterKind,
+    all_layer_writers,
+    get,
+    hidden_size,
+    input_embeddings,
+    layers,
+    post_norm_gain,
+)
 from abliterate.errors import AbliterateError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # The dtypes the edit can work on: a quantized code (int8, uint8, float8) is not the weight it stands for.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -89,19 +103,81 @@ def _output_hook(edit):
 
 
 @dataclass(frozen=True)
+class Profile:
+    """An edit strength over layers: `peak` at layer `center`, linear to `floor` at `width` layers away, 0 beyond."""
+
+    peak: float
+    center: float
+    width: float
+    floor: float = 0.0
+
+    def at(self, layer: int) -> float:
+        """The strength at one layer."""
+        distance = abs(layer - self.center)
+        if distance > self.width:
+            return 0.0
+        return self.peak + (self.floor - self.peak) * (distance / self.width if self.width > 0 else 0.0)
+
+
+@dataclass(frozen=True)
 class EditParams:
-    """How strongly and from which layer on the direction is removed.
+    """How strongly, and in which layers and writers, the direction is removed.
 
     scale 1 removes the component fully; 0 < scale < 1 removes part of it; scale < 0 strengthens
     it (refusal induction). Writers in layers before start_layer are left alone, and the
-    embeddings are edited only when start_layer is 0. norm_preserving rescales every vector a
-    writer adds to the residual stream (a weight column, an embedding row, a bias) back to its
-    original length after the edit; that exists only as a weight edit, not as hooks.
+    embeddings are edited only when start_layer is 0. A profile, where given, sets the strength of
+    every token-mixer (`attention`) or feed-forward (`mlp`) writer layer by layer instead, and
+    `embeddings` says whether the embeddings are edited (at `scale`). norm_preserving rescales every
+    vector a writer adds to the residual stream (a weight column, an embedding row, a bias) back to
+    its original length after the edit; that exists only as a weight edit, not as hooks.
     """
 
     scale: float = 1.0
     start_layer: int = 0
     norm_preserving: bool = False
+    attention: Profile | None = None
+    mlp: Profile | None = None
+    embeddings: bool | None = None  # None: when start_layer is 0
+
+    def writer_scale(self, layer: int, kind: WriterKind) -> float:
+        """The strength of one writer's edit: its kind's profile at this layer, else scale from start_layer on."""
+        profile = self.attention if kind == "mixer" else self.mlp
+        if profile is not None:
+            return profile.at(layer)
+        return self.scale if layer >= self.start_layer else 0.0
+
+    @property
+    def embedding_scale(self) -> float:
+        """The strength of the embeddings' edit (0: left alone)."""
+        edited = self.start_layer == 0 if self.embeddings is None else self.embeddings
+        return self.scale if edited else 0.0
+
+    def describe(self) -> str:
+        """The edit in words, for the card and the report."""
+        if self.attention is None and self.mlp is None:
+            where = f"at scale {self.scale:g} (1 = full projection), writers from layer {self.start_layer} on"
+        else:
+            kind = lambda name, p: (  # noqa: E731
+                f"{name} writers {p.peak:.2f} at layer {p.center:.1f}, falling to {p.floor:.2f} over {p.width:.1f} layers"
+                if p
+                else f"{name} writers at scale {self.scale:g} from layer {self.start_layer} on"
+            )
+            where = f"{kind('attention', self.attention)}; {kind('feed-forward', self.mlp)}"
+        where += "; embeddings " + ("edited" if self.embedding_scale else "left alone")
+        if self.norm_preserving:
+            where += "; norm-preserving: every vector a writer adds to the residual stream keeps its original length"
+        return where
+
+    @property
+    def full(self) -> bool:
+        """Whether every writer and the embeddings lose the whole component: the stream then carries none of it."""
+        return (
+            self.scale == 1.0
+            and self.start_layer == 0
+            and self.attention is None
+            and self.mlp is None
+            and (self.embeddings is not False)
+        )
 
 
 @contextlib.contextmanager
@@ -116,22 +192,21 @@ def ablation(
     if params.norm_preserving:
         raise ValueError("a norm-preserving edit rescales weights per input; it has no hook form: use orthogonalize")
     r = unit(direction)
-    scale, start = params.scale, params.start_layer
     pre, post = [], []
-    if start == 0:
+    if params.embedding_scale:
         for name in arch.embeddings:
-            post.append((get(model, name), _output_hook(lambda x: _project_out(x, r, scale))))
+            post.append((get(model, name), _output_hook(lambda x: _project_out(x, r, params.embedding_scale))))
     per_layer = zip(layers(model, arch), all_layer_writers(model, arch), writer_directions(model, arch, direction))
     for index, (layer, writers, directions) in enumerate(per_layer):
-        if index < start:
-            continue
         # A full projection of a clean stream is idempotent, so projecting layer inputs too changes
         # nothing numerically but guards against writers the table might miss. A partial one would
         # compound per layer, and with start_layer > 0 the stream is not clean, so skip it then.
-        if scale == 1.0 and start == 0:
+        if params.full:
             pre.append((layer, _input_hook(lambda x: _project_out(x, r))))
         for writer, u in zip(writers, directions):
-            post.append((get(layer, writer.output), _output_hook(lambda x, u=u: _project_out(x, u, scale))))
+            scale = params.writer_scale(index, writer.kind)
+            if scale:
+                post.append((get(layer, writer.output), _output_hook(lambda x, u=u, s=scale: _project_out(x, u, s))))
     with add_hooks(pre, post):
         yield
 
@@ -150,13 +225,14 @@ def addition(model: nn.Module, arch: Architecture, vector: torch.Tensor, layer: 
 
 def untie_embeddings(model: nn.Module) -> bool:
     """Give the output head its own copy of tied embeddings, so editing one leaves the other."""
-    head = model.get_output_embeddings()
-    embed = model.get_input_embeddings()
+    hf = cast("PreTrainedModel", model)
+    head = hf.get_output_embeddings()
+    embed = input_embeddings(model)
     # Identity, not data_ptr(): every tensor on the meta device (offloaded weights) has data_ptr() 0.
     tied = head is not None and head.weight is embed.weight
     if tied:
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
-    for config in (model.config, getattr(model.config, "text_config", None)):
+    for config in (hf.config, getattr(hf.config, "text_config", None)):
         if config is not None and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
     return tied
@@ -280,35 +356,40 @@ def remove_component_(
 
 @dataclass(frozen=True)
 class Target:
-    """One tensor the weight edit changes: its parameter name, residual axis and the direction to remove."""
+    """One tensor the weight edit changes: its parameter name, residual axis, the direction and how much of it."""
 
     name: str
     tensor: torch.Tensor
     axis: int
     direction: torch.Tensor
+    scale: float = 1.0
 
 
 def edit_targets(
     model: nn.Module, arch: Architecture, direction: torch.Tensor, params: EditParams = EditParams()
 ) -> list[Target]:
-    """Every tensor `orthogonalize` edits, in order, with its axis and (gain-scaled) unit direction."""
+    """Every tensor `orthogonalize` edits, in order, with its axis, (gain-scaled) unit direction and strength.
+
+    Writers whose strength is 0 are not targets: they are left bit for bit as they are.
+    """
     r = unit(direction)
     names = {id(p): n for n, p in model.named_parameters()}
     targets = []
     modules = []  # the module each target belongs to (None for a raw parameter), to spot quantized layers
-    if params.start_layer == 0:
+    if params.embedding_scale:
         for name in arch.embeddings:
             for tensor, axis in _residual_params(get(model, name)):
-                targets.append(Target(names.get(id(tensor), name), tensor, axis, r))
+                targets.append(Target(names.get(id(tensor), name), tensor, axis, r, params.embedding_scale))
                 modules.append(get(model, name))
     per_layer = zip(layers(model, arch), all_layer_writers(model, arch), writer_directions(model, arch, direction))
     for index, (layer, writers, directions) in enumerate(per_layer):
-        if index < params.start_layer:
-            continue
         for writer, u in zip(writers, directions):
+            scale = params.writer_scale(index, writer.kind)
+            if not scale:
+                continue
             for spec in writer.weights:
                 for tensor, axis in _resolve_weights(layer, spec):
-                    targets.append(Target(names.get(id(tensor), str(spec)), tensor, axis, u))
+                    targets.append(Target(names.get(id(tensor), str(spec)), tensor, axis, u, scale))
                     modules.append(None if isinstance(spec, Param) else get(layer, spec))
     for target, module in zip(targets, modules):  # quantized codes are refused before anything is edited
         _refuse_quantized(target.name, target.tensor, module)
@@ -340,11 +421,11 @@ def orthogonalize(
         check_editable(target.name, target.tensor)
     for target in targets:
         if dtype is None or dtype == target.tensor.dtype:
-            remove_component_(target.tensor, target.axis, target.direction, params.scale, params.norm_preserving)
+            remove_component_(target.tensor, target.axis, target.direction, target.scale, params.norm_preserving)
         else:
             result = torch.empty(target.tensor.shape, dtype=dtype, device=target.tensor.device)
             remove_component_(
-                target.tensor, target.axis, target.direction, params.scale, params.norm_preserving, out=result
+                target.tensor, target.axis, target.direction, target.scale, params.norm_preserving, out=result
             )
             target.tensor.data = result  # the same Parameter object, now holding the edit in `dtype`
     return [target.name for target in targets]
@@ -373,7 +454,7 @@ def check_removed(
     carries the component, never as a silently weaker edit.
     """
     r = unit(direction)
-    embed = model.get_input_embeddings().weight
+    embed = input_embeddings(model).weight
     tolerance = removal_tolerance(embed.dtype) if tolerance is None else tolerance
     blocks = layers(model, arch)
     worst = [0.0] * (len(blocks) + 1)  # inputs of layers 0..L-1, then the output of the last layer

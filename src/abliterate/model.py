@@ -12,15 +12,18 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import nn
 
 from abliterate import offline
-from abliterate.architectures import Architecture, architecture_for
+from abliterate.architectures import Architecture, architecture_for, input_embeddings
 from abliterate.errors import AbliterateError
 from abliterate.settings import LoadOptions
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 SourceKind = Literal["builtin", "folder", "gguf", "hub"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -44,7 +47,7 @@ class LoadedModel:
     """A model ready for forward passes, with what the later stages need to know about it."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     source: ModelSource
     arch: Architecture
     source_dtype: torch.dtype
@@ -53,7 +56,7 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         """Device of the input embeddings (where inputs go)."""
-        return self.model.get_input_embeddings().weight.device
+        return input_embeddings(self.model).weight.device
 
 
 def check_gguf(path: Path) -> None:
@@ -242,6 +245,7 @@ def load(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs.setdefault("device_map", {"": device})  # a quantized model is placed while loading, never moved
 
+    where: str | Path
     if source.kind == "builtin":
         builtin = offline.BUILTIN_MODELS[spec]
         hf_dir = offline.dequantized_dir(builtin)
@@ -251,8 +255,10 @@ def load(
             _cache_dequantized(gguf_path, hf_dir)
         where, file = hf_dir, None
     elif source.kind == "gguf":
+        assert source.path is not None  # resolve() gives every local source its folder
         where, file = source.path, source.gguf_file
     elif source.kind == "folder":
+        assert source.path is not None
         where, file = source.path, None
     else:
         where, file = source.spec, None
@@ -270,7 +276,7 @@ def load(
         kwargs["dtype"] = compute_dtype
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
+            model: nn.Module = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "custom code" in first and not trust_remote_code:
@@ -324,8 +330,9 @@ def _config_dtype(config) -> torch.dtype | None:
 def _clear_gguf_quantization(model: nn.Module) -> None:
     """GGUF weights arrive dequantized; drop the marker that stops save_pretrained."""
     if getattr(model, "hf_quantizer", None) is not None and "gguf" in str(model.hf_quantizer).lower():
-        model.hf_quantizer = None
-        model.is_quantized = False
+        # torch types Module.__setattr__ as taking only tensors and modules; any plain attribute is allowed
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.is_quantized = False  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
 
@@ -378,7 +385,7 @@ def encode(tokenizer, texts: list[str], device: torch.device | str) -> dict:
 def last_token_logprobs(model: nn.Module, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
     """Log-probabilities (float32, CPU) of the next token after each prompt, shape (n, vocab)."""
     out = []
-    device = model.get_input_embeddings().weight.device
+    device = input_embeddings(model).weight.device
     for start in range(0, len(texts), batch_size):
         inputs = encode(tokenizer, texts[start : start + batch_size], device)
         logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
@@ -396,7 +403,7 @@ def generate_ids(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """Greedy decoding: per prompt, in input order, (prompt ids, answer ids up to and including the first EOS)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_embeddings(model).weight.device
     stop = stop_ids(model, tokenizer)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     result: list[tuple[list[int], list[int]]] = [([], [])] * len(texts)
@@ -404,7 +411,7 @@ def generate_ids(
         index = order[start : start + batch_size]
         inputs = encode(tokenizer, [texts[i] for i in index], device)
         inputs.pop("position_ids")  # generate derives them from the attention mask itself
-        out = model.generate(
+        out = cast("GenerationMixin", model).generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -460,7 +467,9 @@ def context_length(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def limit_prompt_length(tokenizer, model: nn.Module, texts: list[str], reserve: int) -> tuple[object, int]:
+def limit_prompt_length(
+    tokenizer: PreTrainedTokenizerBase, model: nn.Module, texts: list[str], reserve: int
+) -> tuple[PreTrainedTokenizerBase, int]:
     """A copy of the tokenizer that cuts prompts to the context minus `reserve` new tokens; how many were too long.
 
     A copy, so the loaded tokenizer (which is saved with the model) keeps its real context.
@@ -477,6 +486,6 @@ def limit_prompt_length(tokenizer, model: nn.Module, texts: list[str], reserve: 
 @torch.no_grad()
 def forward_is_finite(model: nn.Module, tokenizer, texts: list[str]) -> bool:
     """Whether a forward pass over a few prompts gives finite logits (half precision can overflow)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_embeddings(model).weight.device
     logits = model(**encode(tokenizer, texts, device), use_cache=False).logits
     return bool(torch.isfinite(logits).all())

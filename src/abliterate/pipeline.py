@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from abliterate import capture, directions, files, model, prompts, resume
 from abliterate.capture import ResidualMeans
 from abliterate.directions import Candidates
 from abliterate.edit import EditParams, check_removed, orthogonalize
-from abliterate.errors import AbliterateError
+from abliterate.errors import AbliterateError, require
 from abliterate.evaluation.measure import Measurement, MeasureOptions, answer_rows, measure, summarize
 from abliterate.evaluation.metrics import Metrics
 from abliterate.export import hub
@@ -22,7 +23,21 @@ from abliterate.output import card, html, tables
 from abliterate.output import record as run_record
 from abliterate.progress import progress_bar
 from abliterate.prompts import PARTS
-from abliterate.selection import Selection, find_refusal_tokens, select_direction
+from abliterate.search import (
+    SPACE_VERSION,
+    Probe,
+    SearchResult,
+    Space,
+    Validation,
+    default_storage,
+    measured,
+    open_study,
+    optimize,
+    result,
+    storage_label,
+    study_settings,
+)
+from abliterate.selection import RefusalTokens, Selection, find_refusal_tokens, select_direction
 from abliterate.settings import Settings
 
 
@@ -31,9 +46,23 @@ class RunResult:
     """What a run produced: where it saved, what it chose, what it measured."""
 
     out: Path
-    selection: Selection
+    selection: Selection | None  # the strength ladder's choice; None when the edit was searched
     metrics: Metrics | None  # None for --no-eval runs
     seconds: float
+    search: SearchResult | None = None
+
+
+@dataclass
+class Prepared:
+    """A loaded model with its formatted prompts and candidate directions: what stages 3-5 start from."""
+
+    lm: model.LoadedModel  # as loaded: its tokenizer is the one saved
+    work: model.LoadedModel  # the same model, with a tokenizer that leaves room for answers
+    splits: dict[str, prompts.Split]
+    texts: dict[str, dict[str, list[str]]]
+    inputs: dict  # the collect stage's cache inputs
+    means: tuple[ResidualMeans, ResidualMeans]
+    candidates: Candidates
 
 
 def load_prompt_sets(settings: Settings) -> dict[str, prompts.Split]:
@@ -62,6 +91,15 @@ def check_settings(settings: Settings) -> Path:
         raise AbliterateError("--top-k must be at least 1")
     if settings.max_kl <= 0:
         raise AbliterateError("--max-kl must be positive")
+    if settings.search:
+        if settings.induce or settings.norm_preserving:
+            flag = "--induce" if settings.induce else "--norm-preserving"
+            raise AbliterateError(
+                f"the search measures edits through hooks and {flag} has none; drop {flag} or --search"
+            )
+        if settings.trials < 1 or settings.search_minutes < 0:
+            raise AbliterateError("--trials must be at least 1 and --search-minutes not negative")
+        require("optuna", "search", "--search")
     if settings.push_to_hub:
         hub.check(settings.push_to_hub)
     if settings.load_in_4bit:
@@ -71,38 +109,49 @@ def check_settings(settings: Settings) -> Path:
     return out
 
 
+def prepare(settings: Settings, console: Console) -> Prepared:
+    """Load the model and prompts; 1-2: collect residual means (cached: reruns resume) and take their differences."""
+    splits = load_prompt_sets(settings)
+    source = model.resolve(settings.model, settings.allow_pickle)
+    console.print(f"[bold]loading[/] {settings.model}")
+    lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4], settings.load_in_4bit)
+    texts = _format(console, lm, settings, splits)
+    work = _with_room_for_answers(console, lm, settings, texts)
+    inputs = collect_stage_inputs(work, settings, splits)
+    means = resume.cached(resume.COLLECT, lm.source, inputs, lambda: _collect(console, work, settings, texts),
+                          _resumed(console, "collect residual means"))  # fmt: skip
+    candidates = directions.difference_of_means(*means, settings.project_harmless_mean)
+    return Prepared(lm, work, splits, texts, inputs, means, candidates)
+
+
 def run(settings: Settings, console: Console | None = None) -> RunResult:
-    """Collect, compute directions, select, orthogonalize, evaluate and save one abliteration."""
+    """Collect, compute directions, select (or search), orthogonalize, evaluate and save one abliteration."""
     console = console or Console(stderr=True, soft_wrap=True)
     started = time.time()
     torch.manual_seed(settings.seed)
     out = check_settings(settings)
-    splits = load_prompt_sets(settings)
-    source = model.resolve(settings.model, settings.allow_pickle)
-    console.print(f"[bold]loading[/] {settings.model}")
-    probe = splits["harmless"].train.texts[:4]
-    lm = _load_finite(console, source, settings, probe, settings.load_in_4bit)
-    texts = _format(console, lm, settings, splits)
-    work = _with_room_for_answers(console, lm, settings, texts)
+    ready = prepare(settings, console)
+    lm, work, splits, texts, candidates, means = (
+        ready.lm, ready.work, ready.splits, ready.texts, ready.candidates, ready.means
+    )  # fmt: skip
 
-    # 1-2. Collect residual means and take their differences (cached: reruns resume).
-    inputs = collect_stage_inputs(work, settings, splits)
-    resumed = lambda what: lambda: console.print(f"  {what}: resumed from the cache")  # noqa: E731
-    means = resume.cached(resume.COLLECT, lm.source, inputs, lambda: _collect(console, work, settings, texts),
-                          resumed("collect residual means"))  # fmt: skip
-    candidates = directions.difference_of_means(*means, settings.project_harmless_mean)
-
-    # 3. Select a direction and an edit strength by their effect on validation prompts (cached).
-    selection = resume.cached(resume.SELECT, lm.source, select_stage_inputs(inputs, splits, settings),
-                              lambda: _select(console, work, settings, candidates, texts),
-                              resumed("candidate selection"))  # fmt: skip
-    tables.print_candidates(console, selection)
-    chosen = selection.chosen
-    direction = candidates.direction(chosen.position, chosen.layer)
-    params = replace(chosen.params, norm_preserving=settings.norm_preserving)
+    # 3. Choose the edit by its effect on validation prompts: the strength ladder (cached), or a search.
+    selection, found = None, None
+    if settings.search:
+        found = search_stage(console, ready, settings)
+        direction, params = found.chosen.point.direction(candidates), found.chosen.point.params
+    else:
+        selection = resume.cached(resume.SELECT, lm.source, select_stage_inputs(ready.inputs, splits, settings),
+                                  lambda: _select(console, work, settings, candidates, texts),
+                                  _resumed(console, "candidate selection"))  # fmt: skip
+        tables.print_candidates(console, selection)
+        chosen = selection.chosen
+        direction = candidates.direction(chosen.position, chosen.layer)
+        params = replace(chosen.params, norm_preserving=settings.norm_preserving)
     if settings.load_in_4bit:  # the 4-bit copy served collect and select; evaluate and edit the real weights
-        del lm, work
-        lm = _reload_full_precision(console, source, settings, probe)
+        source = lm.source
+        del lm, work, ready
+        lm = _reload_full_precision(console, source, settings, splits["harmless"].train.texts[:4])
         work = _with_room_for_answers(console, lm, settings, texts, quiet=True)
 
     # 4-5. Measure the original, edit its weights, measure again.
@@ -117,7 +166,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     with files.staging(out, settings.force) as tmp:
         run_record.save_model(lm, tmp, settings.save_dtype, (direction, params), console.print)
         run_record.save_directions(tmp, candidates, *means, direction)
-        record = run_record.record(lm, settings, splits, selection, edited, metrics)
+        record = run_record.record(lm, settings, splits, selection, found, params, edited, metrics)
         run_record.write_record(tmp, record)
         if after:
             files.write_json(tmp / "evaluation.json", answer_rows(before, after))
@@ -127,7 +176,74 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
     if settings.push_to_hub:
         console.print(f"[bold]uploaded[/] {hub.push(out, settings.push_to_hub)}")
-    return RunResult(out, selection, metrics, seconds)
+    return RunResult(out, selection, metrics, seconds, found)
+
+
+def _resumed(console: Console, what: str) -> Callable[[], None]:
+    return lambda: console.print(f"  {what}: resumed from the cache")
+
+
+def search_stage(console: Console, ready: Prepared, settings: Settings) -> SearchResult:
+    """3b. Search the edit space in the study's storage (it is the cache: a rerun resumes); print the front."""
+    work, texts, splits, bs = ready.work, ready.texts, ready.splits, settings.batch_size
+    refusal_tokens = _refusal_tokens(console, work, settings, texts)
+    # Benign validation prompts: the ones after the n_test a run holds out, so no test prompt ever steers the choice.
+    benign = prompts.split(prompts.load(settings.benign, settings.prompt_column, settings.category_column),
+                           settings.n_test, settings.n_val, 0, settings.seed).val  # fmt: skip
+    validation = Validation(
+        texts["harmful"]["val"],
+        texts["harmless"]["val"],
+        prompts.format_all(work.tokenizer, benign.texts, settings.system_prompt, settings.thinking),
+        list(splits["harmful"].val.texts),
+        list(benign.texts),
+    )
+    key = resume.stage_key(work.source, "search", {**select_stage_inputs(ready.inputs, splits, settings),
+                                                   "benign_val": benign.sha256, "space": SPACE_VERSION})  # fmt: skip
+    storage = settings.storage or default_storage()
+    name = settings.study or f"abliterate-{key[:16]}"
+    study = open_study(storage, name, settings.seed, key)
+    study.set_user_attr("settings", settings.as_dict())
+    console.print(f"[bold]searching[/] study '{name}' in {storage_label(storage)}")
+    with progress_bar(console, "measure baselines", 1):
+        probe = Probe(work.model, work.tokenizer, work.arch, ready.candidates, validation, refusal_tokens, bs)
+    n_layers = ready.candidates.directions.shape[1] - 1
+    space = Space(settings.positions, max(0.0, n_layers * (1 - settings.skip_last_layers) - 1), n_layers)
+    timeout = settings.search_minutes * 60 or None
+    with progress_bar(console, f"search edits (up to {settings.trials} in the study)", settings.trials) as step:
+        step(len(measured(study)))
+        optimize(study, probe, space, settings.trials, timeout, on_trial=lambda _: step())
+    threshold = settings.max_kl * settings.kl_margin
+    if settings.verify:
+        judging = f"judge the best {settings.verify} and no edit on whole {settings.verify_tokens}-token answers"
+        with progress_bar(console, judging, settings.verify + 1) as step:
+            found = result(study, probe, threshold, storage, settings.verify, settings.verify_tokens, step)
+    else:
+        found = result(study, probe, threshold, storage)
+    tables.print_front(console, found)
+    return found
+
+
+def search_worker(storage: str, study_name: str, console: Console | None = None) -> SearchResult:
+    """`abliterate search-worker`: join a study another machine started and measure trials until it holds enough."""
+    console = console or Console(stderr=True, soft_wrap=True)
+    recorded = study_settings(storage, study_name)
+    fields = {f for f in Settings.__dataclass_fields__}
+    settings = Settings(**{k: v for k, v in recorded.items() if k in fields})
+    settings = replace(settings, storage=storage, study=study_name, out="", force=False, push_to_hub=None)
+    torch.manual_seed(settings.seed)
+    return search_stage(console, prepare(settings, console), settings)
+
+
+def _refusal_tokens(console: Console, work: model.LoadedModel, settings: Settings, texts: dict) -> RefusalTokens:
+    """The first answer tokens that open this model's refusals, learned from its own greedy answers."""
+    console.print("[bold]learning[/] how this model opens its refusals")
+    found = find_refusal_tokens(work.model, work.tokenizer, texts["harmful"]["train"][:32],
+                                texts["harmless"]["train"][:16], settings.batch_size)  # fmt: skip
+    console.print(
+        f"  refusal openings {list(found.tokens)} (precision {found.precision:.2f}, "
+        f"{found.refusals_seen} refusals in {found.answers_seen} answers)"
+    )
+    return found
 
 
 def _format(
@@ -172,7 +288,7 @@ def collect_stage_inputs(work: model.LoadedModel, settings: Settings, splits: di
 def _edit(work: model.LoadedModel, texts: dict, direction: torch.Tensor, params: EditParams) -> list[str]:
     """Orthogonalize every writer in place; after a full removal, check the residual stream lost the direction."""
     edited = orthogonalize(work.model, work.arch, direction, params)
-    if params.scale == 1.0 and params.start_layer == 0:  # a writer the table misses must fail, not weaken the edit
+    if params.full:  # a writer the table misses must fail, not weaken the edit
         probe = [work.tokenizer(t, add_special_tokens=False).input_ids[-64:] for t in texts["harmless"]["val"][:2]]
         check_removed(work.model, work.arch, probe, direction)
     return edited
@@ -252,12 +368,7 @@ def _select(
 ) -> Selection:
     """Learn the refusal openings, then score candidates and search the edit strength."""
     tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
-    console.print("[bold]learning[/] how this model opens its refusals")
-    refusal_tokens = find_refusal_tokens(net, tok, texts["harmful"]["train"][:32], texts["harmless"]["train"][:16], bs)
-    console.print(
-        f"  refusal openings {list(refusal_tokens.tokens)} (precision {refusal_tokens.precision:.2f}, "
-        f"{refusal_tokens.refusals_seen} refusals in {refusal_tokens.answers_seen} answers)"
-    )
+    refusal_tokens = _refusal_tokens(console, lm, settings, texts)
     n_layers = candidates.directions.shape[1] - 1
     scans = (
         1

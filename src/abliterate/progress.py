@@ -28,7 +28,7 @@ def progress_bar(console: Console, description: str, total: int) -> Iterator[Cal
         def advance(n: int = 1, more: int = 0) -> None:
             """Advance by n steps; `more` announces steps the total did not foresee."""
             if more:
-                bar.update(task, total=bar.tasks[task].total + more)
+                bar.update(task, total=(bar.tasks[task].total or 0) + more)
             bar.advance(task, n)
 
         yield advance

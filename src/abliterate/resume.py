@@ -83,9 +83,9 @@ def save_means(key: str, means: tuple[ResidualMeans, ResidualMeans]) -> None:
     """Store both running sums (harmful, harmless) with their counts."""
     harmful, harmless = means
     tensors = {"harmful": harmful.sums, "harmless": harmless.sums}
-    for name, means in (("harmful", harmful), ("harmless", harmless)):
-        if means.position_counts is not None:
-            tensors[f"{name}_position_counts"] = means.position_counts
+    for name, part in (("harmful", harmful), ("harmless", harmless)):
+        if part.position_counts is not None:
+            tensors[f"{name}_position_counts"] = part.position_counts
     meta = {"harmful_count": str(harmful.count), "harmless_count": str(harmless.count)}
     atomic_write(_folder(key) / "means.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 

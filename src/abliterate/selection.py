@@ -280,8 +280,13 @@ def select_direction(
                 break
 
     n = len(harmful_val)
+
     # Removal wants the least refusal left; induction the most refusal gained.
-    eligible = sorted((s for s in ranked if s.eligible), key=lambda s: -s.refusal if induce else s.refusal)
+    def order(s: CandidateScore) -> float:
+        assert s.refusal is not None  # an eligible candidate was measured at its chosen strength
+        return -s.refusal if induce else s.refusal
+
+    eligible = sorted((s for s in ranked if s.eligible), key=order)
     if not eligible:
         raise AbliterateError(
             _why_none(
@@ -314,7 +319,7 @@ def _why_none(
 ) -> str:  # fmt: skip
     """One line: why no candidate qualified, from what was measured, and what to try."""
     searched = [s for s in ranked if s.refusal_induced is not None]
-    inducing = [s for s in searched if s.refusal_induced > baseline_harmless]
+    inducing = [s for s in searched if s.refusal_induced is not None and s.refusal_induced > baseline_harmless]
     bounds = [t["kl_bound"] for s in inducing for t in s.trials]
     if not induce and refused == 0:
         return (

@@ -32,7 +32,8 @@ class LoadOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LoadOptions:
         """The group from parsed flags; a command without one of them gets its default."""
-        return cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
+        values: dict[str, typing.Any] = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)}
+        return cls(**values)
 
 
 LOAD = LoadOptions()
@@ -70,6 +71,23 @@ class Settings:
     skip_last_layers: float = _opt(0.2, "share of the last layers never chosen", feeds="select")
     positions: int = _opt(1, "candidates at the last N prompt positions", feeds="collect")
     induce: bool = _opt(False, "strengthen the refusal direction instead of removing it", feeds="select")
+    search: bool = _opt(
+        False,
+        "search the edit space (direction layer, per-layer strengths of attention and MLP writers, embeddings) for a "
+        "Pareto front of refusal, over-refusal and KL instead of selecting on the strength ladder (abliterate[search])",
+    )
+    trials: int = _opt(60, "edits the search measures, all workers together; more continue the same study")
+    search_minutes: float = _opt(0.0, "stop the search after this many minutes (0: when --trials are done)")
+    verify: int = _opt(
+        3, "searched edits within the KL budget whose whole greedy answers are judged before the choice (0: none)"
+    )
+    verify_tokens: int = _opt(100, "tokens per answer for that check: long enough for a delayed refusal to count")
+    storage: str | None = _opt(
+        None,
+        "Optuna storage of the search (default: a SQLite file in the cache); a URL such as "
+        "postgresql://user@host/db lets `abliterate search-worker` processes on other machines join",
+    )
+    study: str | None = _opt(None, "name of the search study (default: one derived from the model, prompts, settings)")
     thinking: bool = _opt(False, "keep the model's reasoning block on (by default templates that can turn it off do)")
     norm_preserving: bool = _opt(
         False, "after the edit, rescale every vector a writer adds to the residual stream to its original length"

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from abliterate import __version__
+from abliterate.edit import EditParams
 from abliterate.output.record import RECORD, EditInfo, ModelInfo, RunRecord, write_record
 
 VOCAB = 320
@@ -19,7 +21,7 @@ VOCAB = 320
 
 def tiny_config(model_type: str, **overrides):
     """A few-layer config of the given transformers model type."""
-    kw = dict(
+    kw: dict[str, Any] = dict(
         hidden_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
@@ -157,8 +159,13 @@ def save_tiny_checkpoint(
     return folder
 
 
-def recorded_edit(folder: Path, hidden: int, scale: float = 1.0, start_layer: int = 0, seed: int = 0) -> Path:
-    """A minimal abliteration.json and directions.safetensors for a random direction, as a run writes them."""
+def recorded_edit(
+    folder: Path, hidden: int, scale: float = 1.0, start_layer: int = 0, seed: int = 0, params: EditParams | None = None
+) -> Path:
+    """A minimal abliteration.json and directions.safetensors for a random direction, as a run writes them.
+
+    `params`, where given, is the whole edit (profiles included) and overrides scale and start_layer.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -168,7 +175,7 @@ def recorded_edit(folder: Path, hidden: int, scale: float = 1.0, start_layer: in
         abliterate_version=__version__,
         created="",
         model=ModelInfo("tiny", "folder"),
-        edit=EditInfo("induce" if scale < 0 else "orthogonalize", scale, start_layer),
+        edit=EditInfo.of(params or EditParams(scale, start_layer), [], False),
         selection={"layer": 1, "position": -1, "reason": "test"},
         settings={"n_train": 1, "n_val": 1, "n_test": 1, "max_new_tokens": 1},
         seed=0,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from abliterate.architectures import input_embeddings
 from abliterate.errors import AbliterateError
 from abliterate.model import context_length, generate_ids, kl_divergence
 from abliterate.prompts import DATA, read_jsonl
@@ -125,8 +126,8 @@ def teacher_forced(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, float32 log-probs of shape (len(continuation), vocab)) at the positions that predict each
     continuation token, for prefix + continuation fed whole; batched with left padding, in any order."""
-    device = model.get_input_embeddings().weight.device
-    vocab = model.get_input_embeddings().num_embeddings
+    device = input_embeddings(model).weight.device
+    vocab = input_embeddings(model).num_embeddings
     for index in _batches(prefixes, continuations, batch_size, vocab):
         seqs = [prefixes[i] + continuations[i] for i in index]
         width = max(len(s) for s in seqs)

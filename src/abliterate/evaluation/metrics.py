@@ -99,14 +99,20 @@ class Metrics:
         for key, name in RATE_ROWS.items():
             if r := self.rates.get(key):
                 p = "" if r.p_value is None else f"{r.p_value:.3g}"
-                rows.append((name, r.before.cell(), r.after.cell(), p) if self.paired else (name, r.after.cell()))
+                if self.paired:
+                    assert r.before is not None  # a paired comparison measured every rate before too
+                    rows.append((name, r.before.cell(), r.after.cell(), p))
+                else:
+                    rows.append((name, r.after.cell()))
         for key, name in KL_ROWS.items():
             if m := self.kl.get(key):
                 rows.append((name, "0", m.cell(), ""))
         for key, name in PERPLEXITY_ROWS.items():
-            if p := self.perplexity.get(key):
-                after = p.after.cell(2)
-                rows.append((name, p.before.cell(2), after, "") if p.before and self.paired else (name, after))
+            if change := self.perplexity.get(key):
+                after = change.after.cell(2)
+                rows.append(
+                    (name, change.before.cell(2), after, "") if change.before and self.paired else (name, after)
+                )
         return rows
 
     def header(self, before: str = "before", after: str = "after") -> tuple[str, ...]:

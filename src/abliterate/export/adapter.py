@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from rich.console import Console
@@ -21,11 +22,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from abliterate import files, model
-from abliterate.architectures import Architecture
+from abliterate.architectures import Architecture, input_embeddings
 from abliterate.edit import EditParams, Target, edit_targets, remove_component_
 from abliterate.errors import AbliterateError, require
 from abliterate.output import record as run_record
 from abliterate.settings import LoadOptions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ADAPTER = "default"
 PROJECTION_KINDS = ("orthogonalize", "induce")
@@ -50,11 +54,13 @@ def _split(name: str) -> tuple[str, str]:
 def plan(net: nn.Module, arch: Architecture, direction: torch.Tensor, params: EditParams) -> AdapterPlan:
     """Sort the edit's tensors into LoRA layers, expert parameters and whole copies; refuse what PEFT can't hold."""
     targets = edit_targets(net, arch, direction, params)
-    head, embed = net.get_output_embeddings(), net.get_input_embeddings()
+    hf = cast("PreTrainedModel", net)
+    head, embed = hf.get_output_embeddings(), input_embeddings(net)
     tied = head is not None and head.weight is embed.weight
     bias = any(_split(t.name)[1] == "bias" for t in targets)
     lora: dict[str, list[Target]] = {}
-    experts, whole = [], []
+    experts: list[Target] = []
+    whole: list[Target] = []
     for target in targets:
         module_name, attribute = _split(target.name)
         module = net.get_submodule(module_name)
@@ -67,13 +73,13 @@ def plan(net: nn.Module, arch: Architecture, direction: torch.Tensor, params: Ed
             experts.append(target)
         else:
             raise AbliterateError(
-                f"{net.config.model_type}: {target.name} ({type(module).__name__}, {target.tensor.ndim}-D) has no PEFT "
+                f"{hf.config.model_type}: {target.name} ({type(module).__name__}, {target.tensor.ndim}-D) has no PEFT "
                 "LoRA form (target_parameters takes 3-D expert weights only); save the edited model with "
                 "`abliterate apply` instead"
             )
     if bias and experts:
         raise AbliterateError(
-            f"{net.config.model_type} has fused expert tensors and edited biases, and PEFT's target_parameters "
+            f"{hf.config.model_type} has fused expert tensors and edited biases, and PEFT's target_parameters "
             "cannot carry a bias; save the edited model with `abliterate apply` instead"
         )
     unbiased = [m for m in lora if getattr(net.get_submodule(m), "bias", None) is None]
@@ -99,8 +105,11 @@ def _exact_delta(target: Target, scale: float) -> torch.Tensor:
     return edited - target.tensor.detach().double()
 
 
-def _fill_lora(layer: nn.Module, target: Target, scale: float) -> torch.Tensor:
-    """Set one LoRA layer's factors (or bias) to the edit; return the delta PEFT computes from them."""
+def _fill_lora(layer: Any, target: Target, scale: float) -> torch.Tensor:
+    """Set one LoRA layer's factors (or bias) to the edit; return the delta PEFT computes from them.
+
+    `layer` is a PEFT LoRA layer (peft is optional, so it is not imported for its types).
+    """
     b = -scale * target.direction
     if _split(target.name)[1] == "bias":
         layer.lora_B[ADAPTER].bias.copy_(b * (target.direction @ target.tensor.double()))
@@ -115,7 +124,7 @@ def _fill_lora(layer: nn.Module, target: Target, scale: float) -> torch.Tensor:
     return layer.get_delta_weight(ADAPTER)
 
 
-def _fill_experts(layer: nn.Module, target: Target, scale: float) -> torch.Tensor:
+def _fill_experts(layer: Any, target: Target, scale: float) -> torch.Tensor:
     """One rank-1 pair per expert: row e of lora_A and column e of lora_B (PEFT's layout for r=1)."""
     a = _contract(target)  # (experts, the non-residual width)
     b = -scale * target.direction
@@ -159,18 +168,18 @@ def build(net: nn.Module, arch: Architecture, direction: torch.Tensor, params: E
     error = 0.0
     for module_name, targets in how.lora.items():
         for target in targets:
-            got = _fill_lora(inner.get_submodule(module_name), target, params.scale)
-            error = max(error, (got.double() - _exact_delta(target, params.scale)).abs().max().item())
+            got = _fill_lora(inner.get_submodule(module_name), target, target.scale)
+            error = max(error, (got.double() - _exact_delta(target, target.scale)).abs().max().item())
     for target in how.experts:
         module_name, attribute = _split(target.name)
         layer = inner.get_submodule(module_name)
         while layer.parameter_name != attribute:  # PEFT nests one wrapper per targeted parameter
             layer = layer.base_layer
-        got = _fill_experts(layer, target, params.scale)
-        error = max(error, (got.double() - _exact_delta(target, params.scale)).abs().max().item())
+        got = _fill_experts(layer, target, target.scale)
+        error = max(error, (got.double() - _exact_delta(target, target.scale)).abs().max().item())
     for target in how.whole:
         copy = inner.get_submodule(_split(target.name)[0]).modules_to_save[ADAPTER]
-        remove_component_(copy.weight, target.axis, target.direction, params.scale)
+        remove_component_(copy.weight, target.axis, target.direction, target.scale)
     return peft_model, error
 
 
@@ -206,7 +215,7 @@ def export_adapter(
     console.print(f"[bold]loading[/] {base}")
     # float32 on CPU: the adapter's factors are computed from the base weights, not from a device's rounding.
     lm = model.load(source, replace(load, dtype="float32", device="cpu"), console.print)
-    if recorded.direction.shape[-1] != lm.model.get_input_embeddings().weight.shape[1]:
+    if recorded.direction.shape[-1] != input_embeddings(lm.model).weight.shape[1]:
         raise AbliterateError(
             f"the direction has {recorded.direction.shape[-1]} dimensions but {base} has a different hidden size; "
             "pass the model the run was made on as --base"

@@ -15,6 +15,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -25,6 +26,9 @@ from abliterate.architectures import architecture_for, hidden_size
 from abliterate.edit import EditParams, check_editable, edit_targets, remove_component_, untie_embeddings
 from abliterate.errors import AbliterateError
 from abliterate.model import check_not_quantized, pick_device, save_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -43,12 +47,12 @@ class StreamPlan:
 
     folder: Path
     shards: dict[str, list[str]]  # shard file -> the tensor names it holds
-    targets: dict[str, tuple[int, torch.Tensor]]  # tensor name -> (residual axis, unit direction)
+    targets: dict[str, tuple[int, torch.Tensor, float]]  # tensor name -> (residual axis, unit direction, strength)
     params: EditParams
     head_copy: tuple[str, str] | None  # (output head name, embedding name) when the edit unties them
     save_dtype: torch.dtype | None  # None: every tensor keeps its own dtype
     device: str
-    config: object
+    config: PreTrainedConfig
 
     def write(self, out: Path) -> list[str]:
         """Write the edited checkpoint, config and the source's other files into `out`; return edited names."""
@@ -62,12 +66,12 @@ class StreamPlan:
                 if self.head_copy and key == self.head_copy[1]:
                     edited[self.head_copy[0]] = self._cast(tensor).clone()  # the head keeps the original
                 if key in self.targets:
-                    axis, u = self.targets[key]
+                    axis, u, scale = self.targets[key]
                     check_editable(key, tensor)
                     work = tensor.to(self.device)  # the loaded tensor is ours to edit in place
                     same = self.save_dtype in (None, work.dtype)
                     result = work if same else torch.empty_like(work, dtype=self.save_dtype)
-                    remove_component_(work, axis, u, self.params.scale, self.params.norm_preserving, out=result)
+                    remove_component_(work, axis, u, scale, self.params.norm_preserving, out=result)
                     edited[key] = result.to("cpu")
                 else:
                     edited[key] = self._cast(tensor)
@@ -190,7 +194,7 @@ def prepare(
     }
     _materialize(folder, shards, vectors, device)
 
-    targets = {t.name: (t.axis, t.direction) for t in edit_targets(skeleton, arch, direction, params)}
+    targets = {t.name: (t.axis, t.direction, t.scale) for t in edit_targets(skeleton, arch, direction, params)}
     missing = sorted(set(targets) - stored)
     if missing:
         raise NotStreamable(f"it lacks {missing[0]}, which the edit changes")

@@ -22,7 +22,7 @@ class JudgeAccuracy:
 
 def judge_accuracy(rows: list[dict], rules_only: bool = False) -> JudgeAccuracy:
     """Score the judge (or its rule stage alone) against rows with prompt, response and a human label."""
-    confusion = {h: dict.fromkeys(LABELS, 0) for h in LABELS}
+    confusion: dict[str, dict[str, int]] = {h: dict.fromkeys(LABELS, 0) for h in LABELS}
     pairs = [(row["prompt"], row["response"]) for row in rows]
     verdicts = [rule_judge(p, r) for p, r in pairs] if rules_only else judge_many(pairs)
     for row, verdict in zip(rows, verdicts):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from abliterate.errors import AbliterateError, require
-from abliterate.judge.rules import LABELS, normalize, repeated_chars
+from abliterate.judge.rules import LABELS, Label, normalize, repeated_chars
 
 CLASSIFIER_FILE = Path(__file__).resolve().parent.parent / "data" / "judge_classifier.json"
 FEATURES = (
@@ -114,7 +114,7 @@ class Classifier:
         p = np.exp(logits)
         return p / p.sum(1, keepdims=True)
 
-    def labels(self, x: np.ndarray) -> tuple[list[str], np.ndarray]:
+    def labels(self, x: np.ndarray) -> tuple[list[Label], np.ndarray]:
         """The decided labels and P(refusal) for each row."""
         p = self.probabilities(x)
         return _decide(p, self.threshold), p[:, 0]
@@ -153,7 +153,7 @@ class Classifier:
             ) from None
 
 
-def _decide(p: np.ndarray, threshold: float) -> list[str]:
+def _decide(p: np.ndarray, threshold: float) -> list[Label]:
     """Refusal when P(refusal) clears the threshold, else the likelier of compliance and degenerate."""
     return ["refusal" if row[0] >= threshold else ("compliance" if row[1] >= row[2] else "degenerate") for row in p]
 

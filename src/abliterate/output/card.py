@@ -9,7 +9,7 @@ from abliterate.output.tables import markdown
 def model_card(rec: RunRecord) -> str:
     """README.md with YAML front matter, the metrics table, parameters and limitations."""
     model, sel, edit = rec.model, rec.selection, rec.edit
-    induced, norm_preserving = rec.induce, edit.norm_preserving
+    induced = rec.induce
     name = model.base_model or model.spec
     front = ["---"]
     if model.base_model:
@@ -53,12 +53,7 @@ def model_card(rec: RunRecord) -> str:
         "## Parameters",
         "",
         f"- direction from layer {sel['layer']}, position {sel['position']}; {sel['reason']}",
-        f"- edit: scale {edit.scale} (1 = full projection), writers from layer {edit.start_layer} on"
-        + (
-            "; norm-preserving: every vector a writer adds to the residual stream keeps its original length"
-            if norm_preserving
-            else ""
-        ),
+        f"- edit: {edit.params.describe()}",
         f"- refusal openings learned from the model: {rec.refusal_tokens.get('tokens', [])}",
         f"- prompts: train {rec.settings['n_train']}, validation {rec.settings['n_val']}, "
         f"test {rec.settings['n_test']} of each kind; seed {rec.seed}",
@@ -66,9 +61,7 @@ def model_card(rec: RunRecord) -> str:
         "## Reproduce",
         "",
         "```",
-        f"abliterate run {model.spec} --out OUT --layer {sel['layer']} --seed {rec.seed}"
-        + (" --induce" if induced else "")
-        + (" --norm-preserving" if norm_preserving else ""),
+        _reproduce(rec),
         "```",
         "",
         "`abliteration.json` holds every setting, prompt-set hashes and package versions; "
@@ -89,3 +82,16 @@ def model_card(rec: RunRecord) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _reproduce(rec: RunRecord) -> str:
+    """The command that makes this edit again."""
+    sel, spec, seed = rec.selection, rec.model.spec, rec.seed
+    if "search" in sel:
+        trials = rec.settings.get("trials", sel["search"]["trials"])
+        return f"abliterate run {spec} --out OUT --search --trials {trials} --seed {seed}"
+    return (
+        f"abliterate run {spec} --out OUT --layer {sel['layer']} --seed {seed}"
+        + (" --induce" if rec.induce else "")
+        + (" --norm-preserving" if rec.edit.norm_preserving else "")
+    )

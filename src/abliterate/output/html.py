@@ -76,9 +76,11 @@ def _layer_ticks(ax, n: int) -> None:
     ax.set_xticks(ticks, [str(t) for t in ticks[:-1]] + ["out"])
 
 
-def plot_layer_scores(run: RunArtifacts) -> bytes:
+def plot_layer_scores(run: RunArtifacts) -> bytes | None:
     """Refusal log-odds with each candidate ablated (and induced, where measured) against its layer."""
     sel = run.record.selection
+    if not sel["candidates"]:
+        return None  # a searched edit scans no candidates one by one
     fig = Figure(figsize=(8, 4.2))
     ax = fig.add_subplot()
     positions = sorted({c["position"] for c in sel["candidates"]})
@@ -169,6 +171,29 @@ def pareto_front(points: list[dict], induce: bool) -> list[dict]:
     return front
 
 
+def plot_search_front(run: RunArtifacts) -> bytes | None:
+    """The searched edits' Pareto front: refusal against KL, coloured by over-refusal, with the budget."""
+    found = run.record.selection.get("search")
+    if not found:
+        return None
+    front = found["front"]
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    dots = ax.scatter([p["kl"] for p in front], [p["refusal"] for p in front], c=[p["over_refusal"] for p in front],
+                      cmap="viridis", s=28)  # fmt: skip
+    fig.colorbar(dots, ax=ax, label="over-refusal, benign validation prompts")
+    chosen = next((p for p in front if p["trial"] == found["chosen"]), None)
+    if chosen:
+        ax.plot([chosen["kl"]], [chosen["refusal"]], "o", ms=14, mfc="none", mec="tab:red", label="chosen")
+    ax.axvline(found["kl_threshold"], color="tab:red", ls="--", lw=1, label="KL budget (its upper bound is held)")
+    ax.axhline(found["baseline"]["refusal"], color="grey", ls=":", lw=1, label="refusal, no edit")
+    ax.set_xlabel("first-token KL on harmless validation prompts (nats)")
+    ax.set_ylabel("P(refusal opening), harmful validation prompts")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def plot_pareto(run: RunArtifacts) -> bytes | None:
     """Refusal against KL for every strength the search tried, with the front and the budget."""
     points = search_points(run)
@@ -210,8 +235,9 @@ def plot_categories(run: RunArtifacts) -> bytes | None:
         cats = list(change.by_category)
         y = np.arange(len(cats))
         for offset, when, colour in ((-0.2, 0, "tab:grey"), (0.2, 1, "tab:orange")):
-            rates = [change.by_category[c][when] for c in cats]
-            if None in rates:
+            measured = [change.by_category[c][when] for c in cats]
+            rates = [r for r in measured if r is not None]
+            if len(rates) < len(measured):
                 continue  # a model measured alone has no before
             values = np.array([r.value for r in rates]) * 100
             err = np.array([[v - 100 * r.low, 100 * r.high - v] for v, r in zip(values, rates)]).T
@@ -243,6 +269,9 @@ PLOTS = {
     "pareto": (plot_pareto, "Strength search: refusal against KL",
                "Every edit strength the search tried (scale, first edited layer) for each searched candidate; the "
                "line joins the edits no other tried edit beats on both refusal and KL."),
+    "search_front": (plot_search_front, "Edit search: the Pareto front",
+                     "Every searched edit no other beats on refusal, over-refusal and KL at once (validation "
+                     "prompts), with the KL budget; the chosen edit is circled."),
     "refusal_by_category": (plot_categories, "Refusal before and after, by category",
                             "Share of held-out answers judged refusals, per prompt category, with 95% Wilson "
                             "intervals."),
@@ -306,7 +335,7 @@ def render_html(run: RunArtifacts, pngs: dict[str, bytes]) -> str:
     parts = [
         f"<h1>abliterate report: {_e(name)}</h1>",
         f"<p>Refusal direction from layer {_e(sel['layer'])}, position {_e(sel['position'])} from the end of the "
-        f"prompt; {verb} at scale {_e(edit.scale)} from layer {_e(edit.start_layer)} on. {_e(sel['reason'])}."
+        f"prompt; {verb}: {_e(edit.params.describe())}. {_e(sel['reason'])}."
         f"</p><p>Model <code>{_e(rec.model.spec)}</code>, seed {_e(rec.seed)}, run {_e(rec.created)} "
         f"with abliterate {_e(rec.abliterate_version)}.</p>",
         "<h2>Before and after</h2>",
@@ -326,7 +355,7 @@ def render_html(run: RunArtifacts, pngs: dict[str, bytes]) -> str:
         data = base64.b64encode(pngs[key]).decode("ascii")
         parts.append(f'<figure><h3>{_e(title)}</h3><img id="plot-{key}" alt="{_e(title)}" '
                      f'src="data:image/png;base64,{data}"><figcaption>{_e(caption)}</figcaption></figure>')  # fmt: skip
-    if "pareto" not in pngs:
+    if "pareto" not in pngs and "search_front" not in pngs:
         parts.append("<p>No strength search ran (no candidate passed the checks that start it).</p>")
     if metrics:
         parts.append("<h2>By category</h2>")

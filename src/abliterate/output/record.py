@@ -13,26 +13,30 @@ import datetime
 import json
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from abliterate import __version__
 from abliterate.capture import ResidualMeans
 from abliterate.directions import Candidates
-from abliterate.edit import EditParams, orthogonalize
+from abliterate.edit import EditParams, Profile, orthogonalize
 from abliterate.errors import AbliterateError
 from abliterate.evaluation.metrics import Metrics
 from abliterate.files import write_json
 from abliterate.model import LoadedModel, ModelSource, context_length, load, save_dtype
 from abliterate.prompts import BUILTIN_SETS, PARTS
-from abliterate.selection import Selection
+from abliterate.search import Scored, SearchResult
+from abliterate.selection import RefusalTokens, Selection
 from abliterate.settings import Settings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def save_model(
@@ -65,7 +69,7 @@ def save_model(
         net = source.model
     net.to(target)  # the edited tensors are in `target` already; every other one is cast once, if at all
     try:
-        net.save_pretrained(folder, safe_serialization=True)
+        cast("PreTrainedModel", net).save_pretrained(folder, safe_serialization=True)
     finally:
         if net is lm.model:
             net.to(computed)
@@ -93,7 +97,7 @@ def save_directions(
 
 
 def _versions() -> dict:
-    versions = {"python": platform.python_version(), "abliterate": __version__}
+    versions: dict[str, str | None] = {"python": platform.python_version(), "abliterate": __version__}
     for package in ("torch", "transformers", "safetensors", "gguf", "accelerate"):
         try:
             versions[package] = metadata.version(package)
@@ -153,11 +157,26 @@ class EditInfo:
     tie_word_embeddings: bool = False
     direction_file: str = "directions.safetensors"
     direction_key: str = "direction"
+    attention: dict[str, float] | None = None  # a Profile's fields, where the edit has per-layer strengths
+    mlp: dict[str, float] | None = None
+    embeddings: bool | None = None
 
     @property
     def params(self) -> EditParams:
         """The parameters orthogonalize() takes."""
-        return EditParams(self.scale, self.start_layer, self.norm_preserving)
+        profile = lambda d: Profile(**d) if d is not None else None  # noqa: E731
+        return EditParams(
+            self.scale, self.start_layer, self.norm_preserving, profile(self.attention), profile(self.mlp),
+            self.embeddings,
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, params: EditParams, edited: list[str], tied: bool) -> EditInfo:
+        """The record of an applied edit."""
+        profile = lambda p: asdict(p) if p is not None else None  # noqa: E731
+        kind = "induce" if params.scale < 0 else "orthogonalize"
+        return cls(kind, params.scale, params.start_layer, params.norm_preserving, edited, tied,
+                   attention=profile(params.attention), mlp=profile(params.mlp), embeddings=params.embeddings)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -255,11 +274,18 @@ def base_model(source: ModelSource) -> str | None:
 
 
 def record(
-    lm: LoadedModel, settings: Settings, splits: dict, selection: Selection, edited: list[str], metrics: Metrics | None
+    lm: LoadedModel,
+    settings: Settings,
+    splits: dict,
+    selection: Selection | None,
+    found: SearchResult | None,
+    params: EditParams,
+    edited: list[str],
+    metrics: Metrics | None,
 ) -> RunRecord:
-    """Everything needed to reproduce the run and to re-apply the edit."""
-    chosen = selection.chosen
+    """Everything needed to reproduce the run and to re-apply the edit (the ladder's selection, or the search's)."""
     src = lm.source
+    how, tokens = _choice(selection, found)
     return RunRecord(
         abliterate_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -269,7 +295,7 @@ def record(
             base_model=base_model(src),
             license=src.license,
             sha256=src.sha256,
-            model_type=lm.model.config.model_type,
+            model_type=cast("PreTrainedModel", lm.model).config.model_type,
             num_layers=getattr(lm.model.config, "num_hidden_layers", None),
             source_dtype=str(lm.source_dtype).replace("torch.", ""),
         ),
@@ -280,33 +306,36 @@ def record(
         split=split_record(settings, splits),
         settings=settings.as_dict(),
         seed=settings.seed,
-        refusal_tokens={
-            "ids": list(selection.refusal_tokens.ids),
-            "tokens": list(selection.refusal_tokens.tokens),
-            "precision": selection.refusal_tokens.precision,
-        },
-        selection={
-            "position": chosen.position,
-            "layer": chosen.layer,
-            "reason": selection.reason,
-            "kl_threshold": selection.kl_threshold,
-            "baseline_refusal_log_odds": {
-                "harmful": selection.baseline_refusal_harmful,
-                "harmless": selection.baseline_refusal_harmless,
-            },
-            "candidates": [s.as_dict() for s in selection.scores],
-        },
-        edit=EditInfo(
-            kind="induce" if chosen.scale < 0 else "orthogonalize",
-            scale=chosen.scale,
-            start_layer=chosen.start_layer,
-            norm_preserving=settings.norm_preserving,
-            edited_tensors=edited,
-            tie_word_embeddings=bool(getattr(lm.model.config, "tie_word_embeddings", False)),
-        ),
+        refusal_tokens={"ids": list(tokens.ids), "tokens": list(tokens.tokens), "precision": tokens.precision},
+        selection=how,
+        edit=EditInfo.of(params, edited, bool(getattr(lm.model.config, "tie_word_embeddings", False))),
         metrics=metrics,
         versions=_versions(),
     )
+
+
+def _choice(selection: Selection | None, found: SearchResult | None) -> tuple[dict[str, Any], RefusalTokens]:
+    """The record's selection section, and the refusal openings the choice was measured with."""
+    if found is not None:
+        point = found.chosen.point
+        how = {"position": point.position, "layer": point.layer, "reason": found.reason,
+               "kl_threshold": found.kl_threshold, "candidates": [], "search": found.as_dict()}  # fmt: skip
+        return how, found.refusal_tokens
+    if selection is None:
+        raise ValueError("a record needs the selection or the search that chose its edit")
+    chosen = selection.chosen
+    how = {
+        "position": chosen.position,
+        "layer": chosen.layer,
+        "reason": selection.reason,
+        "kl_threshold": selection.kl_threshold,
+        "baseline_refusal_log_odds": {
+            "harmful": selection.baseline_refusal_harmful,
+            "harmless": selection.baseline_refusal_harmless,
+        },
+        "candidates": [s.as_dict() for s in selection.scores],
+    }
+    return how, selection.refusal_tokens
 
 
 @dataclass(frozen=True)
@@ -322,9 +351,17 @@ class RecordedEdit:
         """The recorded edit's parameters."""
         return self.record.edit.params
 
+    def save_directions(self, folder: Path) -> None:
+        """The run's directions file into `folder`, its direction this edit's (another front trial's, if picked)."""
+        tensors = load_file(str(self.directions_file))
+        with safe_open(str(self.directions_file), "pt") as f:
+            metadata = f.metadata()
+        tensors[self.record.edit.direction_key] = self.direction.double().contiguous()
+        save_file(tensors, str(folder / "directions.safetensors"), metadata=metadata)
 
-def read_edit(edit_file: str | Path) -> RecordedEdit:
-    """The recorded edit and its direction; a one-line error if either is missing or unusable."""
+
+def read_edit(edit_file: str | Path, trial: int | None = None) -> RecordedEdit:
+    """The recorded edit and its direction (or front trial `trial`'s of a searched run); one line if unusable."""
     path = Path(edit_file).expanduser()
     if not path.exists():
         raise AbliterateError(f"edit file {path} does not exist; pass the abliteration.json of a run")
@@ -337,4 +374,31 @@ def read_edit(edit_file: str | Path) -> RecordedEdit:
         raise AbliterateError(
             f"{directions_file} does not hold the run's direction ({exc}); keep it beside the run's {RECORD}"
         ) from None
+    if trial is not None:
+        rec, direction = _front_trial(rec, directions_file, trial)
     return RecordedEdit(rec, direction, directions_file)
+
+
+def _front_trial(rec: RunRecord, directions_file: Path, trial: int) -> tuple[RunRecord, torch.Tensor]:
+    """The record and direction of another point of a searched run's front: chosen afterwards, without a search."""
+    search = rec.selection.get("search")
+    if not search:
+        raise AbliterateError("--trial picks a point of a searched run's front; this run did not search (--search)")
+    entry = next((p for p in search["front"] if p["trial"] == trial), None)
+    if entry is None:
+        on_front = ", ".join(str(p["trial"]) for p in search["front"])
+        raise AbliterateError(f"trial {trial} is not on the run's Pareto front; pick one of {on_front}")
+    scored = Scored.from_dict(entry)
+    tensors = load_file(str(directions_file))
+    candidates = Candidates(tensors["mean_differences"].double(), tensors["candidate_directions"].double())
+    reason = (
+        f"front trial {trial}, picked after the search with `abliterate apply --trial {trial}`: validation "
+        f"P(refusal opening) {scored.refusal:.3f}, over-refusal {scored.over_refusal:.3f}, first-token KL "
+        f"{scored.kl:.3g} (upper bound {scored.kl_bound:.3g})"
+    )
+    point = scored.point
+    selection = {**rec.selection, "position": point.position, "layer": point.layer, "reason": reason,
+                 "search": {**search, "chosen": trial}}  # fmt: skip
+    edit = EditInfo.of(point.params, [], rec.edit.tie_word_embeddings)
+    # The run's metrics measured its own choice, not this point: they do not travel with it.
+    return replace(rec, selection=selection, edit=edit, metrics=None), point.direction(candidates)

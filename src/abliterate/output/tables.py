@@ -1,4 +1,4 @@
-"""Terminal tables: the candidate directions, and the before/after metrics."""
+"""Terminal tables: the candidate directions, the searched front, and the before/after metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from abliterate.evaluation.metrics import Metrics
+from abliterate.search import SearchResult
 from abliterate.selection import Selection
 
 
@@ -35,6 +36,44 @@ def print_candidates(console: Console, selection: Selection, limit: int = 12) ->
     console.print(
         f"baseline refusal log-odds: harmful {selection.baseline_refusal_harmful:+.2f}, "
         f"harmless {selection.baseline_refusal_harmless:+.2f}; {selection.reason}"
+    )
+
+
+def front_rows(found: SearchResult) -> list[tuple[str, ...]]:
+    """One row per edit on the Pareto front, lowest KL first: what it does and what it costs."""
+    rows: list[tuple[str, ...]] = []
+    for s in found.front:
+        p = s.point.params
+        prof = lambda q: f"{q.peak:.2f}@{q.center:.1f}±{q.width:.1f}" if q else "-"  # noqa: E731
+        rows.append((
+            str(s.trial), f"{s.point.layer:.2f}", prof(p.attention), prof(p.mlp), "on" if p.embedding_scale else "off",
+            f"{s.refusal:.3f}", f"{s.over_refusal:.3f}", f"{s.kl:.4f}", f"{s.kl_bound:.4f}",
+            "" if s.judged_refusal is None else f"{s.judged_refusal:.2f} / {s.judged_over_refusal:.2f}",
+            "[bold green]chosen[/]" if s is found.chosen else ("ok" if s.kl_bound <= found.kl_threshold else ""),
+        ))  # fmt: skip
+    return rows
+
+
+FRONT_HEADER = ("trial", "layer", "attention", "mlp", "emb", "refusal", "over-refusal", "KL", "KL bound", "judged", "")
+
+
+def print_front(console: Console, found: SearchResult) -> None:
+    """The searched Pareto front (validation; refusal = mean P(refusal opening)) and the choice."""
+    table = Table(title=f"Pareto front of {len(found.trials)} searched edits (validation prompts; strength "
+                        "peak@layer±width per writer kind)")  # fmt: skip
+    for col in FRONT_HEADER:
+        table.add_column(col, justify="right")
+    for row in front_rows(found):
+        table.add_row(*row)
+    console.print(table)
+    base = found.baseline
+    judged = (
+        f" (judged: {base['judged_refusal']:.2f} / {base['judged_over_refusal']:.2f})"
+        if "judged_refusal" in base
+        else ""
+    )
+    console.print(
+        f"no edit: refusal {base['refusal']:.3f}, over-refusal {base['over_refusal']:.3f}{judged}; {found.reason}"
     )
 
 
