@@ -88,6 +88,11 @@ def test_fifty_trials_leave_the_weights_bit_identical(rng):
     study = open_study("sqlite:///:memory:", "weights", seed=0, key="k")
     optimize(study, probe, Space(1, 2.0, 3), trials=50)
     assert len(study.trials) == 50
+    plain = [Point.from_dict(t.user_attrs["point"]).params for t in study.trials[:8]]  # a new study starts plain
+    assert all(
+        p.writer_scale(i, k) == p.writer_scale(0, "mlp") for p in plain for i in range(3) for k in ("mixer", "mlp")
+    )
+    assert sorted({p.writer_scale(0, "mlp") for p in plain}) == [0.7, 1.0] and all(p.embedding_scale for p in plain)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     values = {tuple(t.values) for t in study.trials}
     assert len(values) > 40  # the trials measured different edits, not one

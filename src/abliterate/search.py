@@ -126,6 +126,23 @@ class Space:
         embeddings = trial.suggest_categorical("embeddings", [False, True])
         return Point(position, layer, EditParams(scale=1.0, attention=attention, mlp=mlp, embeddings=embeddings))
 
+    def uniform(self, layer: float, strength: float) -> dict[str, Any]:
+        """The trial parameters of a plain edit: every writer at one strength, embeddings included.
+
+        These are the edits the strength ladder tries; a new study starts from them, so the sampler
+        begins where plain abliteration is known to work instead of from random points.
+        """
+        whole = {"peak": strength, "center": (self.n_layers - 1) / 2, "width": float(self.n_layers), "floor": 1.0}
+        profiles = {f"{kind}_{key}": value for kind in ("attention", "mlp") for key, value in whole.items()}
+        return {"layer": min(layer, self.direction_layers), **profiles, "embeddings": True} | (
+            {"position": 0} if self.positions > 1 else {}
+        )
+
+    def starts(self) -> list[dict[str, Any]]:
+        """Plain edits from directions at a third to two thirds of the depth, at full and at 0.7 strength."""
+        layers = [self.direction_layers * f for f in (0.45, 0.6, 0.75, 0.9)]
+        return [self.uniform(layer, strength) for strength in (1.0, 0.7) for layer in layers]
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -338,6 +355,9 @@ def optimize(
             on_trial(Scored(trial.number, point, refusal, over, kl, bound))
         return refusal, over, kl
 
+    if not study.get_trials(deepcopy=False):
+        for start in space.starts()[:trials]:
+            study.enqueue_trial(start)  # a new study begins with the plain edits
     left = trials - len(study.get_trials(deepcopy=False, states=complete))
     if left > 0:
         stop = optuna.study.MaxTrialsCallback(trials, states=complete)  # other workers' trials count too
