@@ -7,12 +7,13 @@ import argparse
 import pytest
 
 from abliterate import settings
+from abliterate.cli import add_settings_arguments
 from abliterate.errors import AbliterateError
 
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    settings.add_arguments(parser)
+    add_settings_arguments(parser)
     return vars(parser.parse_args(argv))
 
 

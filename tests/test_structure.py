@@ -95,3 +95,14 @@ def test_tests_do_not_import_each_other() -> None:
         }
         assert not bad, f"bench/{script.name} imports {sorted(bad)}: bench builds on the abliterate package alone"
         assert "sys.path" not in script.read_text(encoding="utf-8"), f"bench/{script.name} edits sys.path"
+
+
+def test_the_library_never_sees_argparse() -> None:
+    """Flags are parsed in the CLI alone; the library takes typed objects (Settings, LoadOptions, Options)."""
+    for path in PKG.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            assert "argparse" not in names and module != "argparse", f"{path.name} imports argparse"

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+from typing import Any
 
-from abliterate import __version__
+from abliterate import __version__, settings
 from abliterate.apply import apply as apply_edit
 from abliterate.errors import AbliterateError
 from abliterate.settings import LoadOptions
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from abliterate import pipeline, settings
+    from abliterate import pipeline
 
     cfg = settings.resolve(vars(args))
     pipeline.run(cfg)
@@ -49,13 +51,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     options = chat.ChatOptions(args.system, args.max_new_tokens, args.temperature)
     specs = [args.model] + ([args.compare] if args.compare else [])
-    return chat.run(specs, options, LoadOptions.from_args(args), args.seed)
+    return chat.run(specs, options, _load_options(args), args.seed)
 
 
 def _cmd_export_adapter(args: argparse.Namespace) -> int:
     from abliterate.export.adapter import export_adapter
 
-    export_adapter(args.run, args.base, args.out, args.force, LoadOptions.from_args(args))
+    export_adapter(args.run, args.base, args.out, args.force, _load_options(args))
     return 0
 
 
@@ -192,13 +194,55 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from abliterate.evaluation import standalone
 
-    return standalone.main(args)
+    fields = standalone.Options.__dataclass_fields__
+    options = standalone.Options(**{k: v for k, v in vars(args).items() if k in fields}, load=_load_options(args))
+    standalone.run(args.model, args.baseline, options, args.out, args.force)
+    return 0
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from abliterate.evaluation import benchmark
 
-    return benchmark.main(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    benchmark.run(args.model, args.baseline, tasks, args.limit, args.batch_size, args.out, args.force,
+                  _load_options(args))  # fmt: skip
+    return 0
+
+
+def _load_options(args: argparse.Namespace) -> LoadOptions:
+    """The load flag group from parsed flags; a command without one of them gets its default."""
+    default = LoadOptions()
+    values: dict[str, Any] = {
+        f.name: getattr(args, f.name, getattr(default, f.name)) for f in dataclasses.fields(default)
+    }
+    return LoadOptions(**values)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One CLI flag per setting; defaults are left unset so that env and TOML can fill them."""
+    types_ = settings.field_types()
+    for f in dataclasses.fields(settings.Settings):
+        if f.name in exclude:
+            continue
+        kind, help_ = types_[f.name], f"{f.metadata['help']} (default: {f.default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=None, help=help_)
+        elif kind is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=help_)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=help_)
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = ()) -> None:
+    """The load flags (all of LoadOptions, or the named ones) for commands other than run, with run's help."""
+    fields = {f.name: f for f in dataclasses.fields(settings.Settings)}
+    for name in names or tuple(f.name for f in dataclasses.fields(LoadOptions)):
+        f = fields[name]
+        flag, help_ = f"--{name.replace('_', '-')}", f.metadata["help"]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=help_)
+        else:
+            parser.add_argument(flag, default=f.default, help=f"{help_} (default: {f.default})")
 
 
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
@@ -211,7 +255,6 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; `run` flags come from the Settings dataclass."""
-    from abliterate import settings
 
     parser = argparse.ArgumentParser(
         prog="abliterate", description="Find and remove the refusal direction of a chat model."
@@ -220,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="collect, select, ablate, evaluate and save")
-    settings.add_arguments(run)
+    add_settings_arguments(run)
     run.set_defaults(func=_cmd_run)
     apply = sub.add_parser("apply", help="re-apply a run's edit (abliteration.json) to a model and save it")
     apply.add_argument("source", help="the model to edit: built-in name, HF folder, .gguf file or hub id")
@@ -235,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-dtype", "--dtype", dest="dtype", default="source",
         help="dtype of the saved weights (default: source, the checkpoint's own); the edit is computed in float64",
     )  # fmt: skip
-    settings.add_load_arguments(apply, ("device", "trust_remote_code", "allow_pickle"))
+    add_load_arguments(apply, ("device", "trust_remote_code", "allow_pickle"))
     apply.add_argument(
         "--push-to-hub", metavar="REPO", help="upload the saved folder to this hub repo (token: HF_TOKEN)"
     )
@@ -263,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)")
     chat.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     chat.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
-    settings.add_load_arguments(chat)
+    add_load_arguments(chat)
     chat.set_defaults(func=_cmd_chat)
     adapter = sub.add_parser("export-adapter", help="save a run's edit as a PEFT LoRA adapter for the original model")
     adapter.add_argument("run", help="the run's output folder (abliteration.json and directions.safetensors)")
@@ -272,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter.add_argument(
         "--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output"
     )
-    settings.add_load_arguments(adapter, ("trust_remote_code", "allow_pickle"))
+    add_load_arguments(adapter, ("trust_remote_code", "allow_pickle"))
     adapter.set_defaults(func=_cmd_export_adapter)
     models = sub.add_parser("models", help="list built-in offline models and their cache status")
     models.set_defaults(func=_cmd_models)
@@ -310,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--samples", 6, "side-by-side sample answers per prompt set in the report"),
     ):
         ev.add_argument(name, type=int, default=default, help=f"{help_} (default: {default})")
-    settings.add_load_arguments(ev)
+    add_load_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)
     bench = sub.add_parser("benchmark", help="lm-evaluation-harness tasks, original and model side by side")
     bench.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
@@ -320,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", metavar="FILE.json", help="write the results here, and FILE.md beside it")
     bench.add_argument("--force", action="store_true", help="replace result files an earlier `benchmark` wrote")
     bench.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
-    settings.add_load_arguments(bench)
+    add_load_arguments(bench)
     bench.set_defaults(func=_cmd_benchmark)
     judge = sub.add_parser("judge", help="label (prompt, response) pairs as refusal, compliance or degenerate")
     judge.add_argument("file", help=".jsonl with 'prompt' and 'response' on each line")

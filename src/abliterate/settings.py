@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import types
@@ -28,12 +27,6 @@ class LoadOptions:
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> LoadOptions:
-        """The group from parsed flags; a command without one of them gets its default."""
-        values: dict[str, typing.Any] = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)}
-        return cls(**values)
 
 
 LOAD = LoadOptions()
@@ -139,7 +132,8 @@ def _base_type(tp) -> type:
     return args[0] if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else tp
 
 
-def _field_types() -> dict[str, type]:
+def field_types() -> dict[str, type]:
+    """Each setting's type, Optional unwrapped: what a flag or a TOML value is converted to."""
     hints = typing.get_type_hints(Settings)
     return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(Settings)}
 
@@ -157,36 +151,9 @@ def _coerce(name: str, value, kind: type, where: str):
         raise AbliterateError(f"{where}: '{name}' must be {kind.__name__}, got {value!r}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One CLI flag per setting; defaults are left unset so that env and TOML can fill them."""
-    types_ = _field_types()
-    for f in dataclasses.fields(Settings):
-        if f.name in exclude:
-            continue
-        kind, help_ = types_[f.name], f"{f.metadata['help']} (default: {f.default})"
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=None, help=help_)
-        elif kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=help_)
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=help_)
-
-
-def add_load_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = ()) -> None:
-    """The load flags (all of LoadOptions, or the named ones) for commands other than run, with run's help."""
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    for name in names or tuple(f.name for f in dataclasses.fields(LoadOptions)):
-        f = fields[name]
-        flag, help_ = f"--{name.replace('_', '-')}", f.metadata["help"]
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=help_)
-        else:
-            parser.add_argument(flag, default=f.default, help=f"{help_} (default: {f.default})")
-
-
 def resolve(cli: dict) -> Settings:
     """Defaults, then the TOML file, then ABLITERATE_* variables, then CLI flags."""
-    types_ = _field_types()
+    types_ = field_types()
     values: dict = {}
     config_path = cli.get("config") or os.environ.get("ABLITERATE_CONFIG")
     if config_path:

@@ -7,7 +7,6 @@ handed to lm-eval's HFLM wrapper, so built-in names and GGUF files work as every
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 from pathlib import Path
@@ -22,15 +21,6 @@ from abliterate.files import atomic_write_text, check_report_pair
 from abliterate.settings import LoadOptions
 
 INSTALL = "lm-evaluation-harness is not installed; pip install 'abliterate[benchmark]'"
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `abliterate benchmark` from parsed arguments."""
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    run(
-        args.model, args.baseline, tasks, args.limit, args.batch_size, args.out, args.force, LoadOptions.from_args(args)
-    )
-    return 0
 
 
 def _lm_eval():

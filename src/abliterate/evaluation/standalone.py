@@ -7,7 +7,6 @@ is kept.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -56,14 +55,6 @@ class Options:
 
 
 DEFAULT_SETS = {"harmful": RUN.harmful, "benign": RUN.benign, "harmless": RUN.harmless}
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `abliterate evaluate` from parsed arguments."""
-    fields = Options.__dataclass_fields__
-    options = Options(**{k: v for k, v in vars(args).items() if k in fields}, load=LoadOptions.from_args(args))
-    run(args.model, args.baseline, options, args.out, args.force)
-    return 0
 
 
 def run(model_spec: str, baseline_spec: str | None, options: Options, out: str | None = None, force: bool = False,
