@@ -138,10 +138,10 @@ def test_ctrl_c_in_a_real_process(tmp_path, tiny_checkpoint):
     line = proc.stderr.readline()  # "loading ..." is printed once arguments and prompts are checked
     assert "loading" in line
     time.sleep(1.0)
+    if proc.poll() is not None:  # a starved test process can wake after the whole run has ended
+        pytest.skip(f"the run ended (exit {proc.returncode}) before the signal could be sent")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == []
