@@ -88,11 +88,16 @@ def test_fifty_trials_leave_the_weights_bit_identical(rng):
     study = open_study("sqlite:///:memory:", "weights", seed=0, key="k")
     optimize(study, probe, Space(1, 2.0, 3), trials=50)
     assert len(study.trials) == 50
-    plain = [Point.from_dict(t.user_attrs["point"]).params for t in study.trials[:8]]  # a new study starts plain
-    assert all(
-        p.writer_scale(i, k) == p.writer_scale(0, "mlp") for p in plain for i in range(3) for k in ("mixer", "mlp")
-    )
-    assert sorted({p.writer_scale(0, "mlp") for p in plain}) == [0.7, 1.0] and all(p.embedding_scale for p in plain)
+    # A new study starts from the ladder's plain edits of the three best directions: each writer from the
+    # first layer (with the embeddings) or from layer 1 on, at 1.0 or 0.7; never more than one strength.
+    for t in study.trials[:12]:
+        point = Point.from_dict(t.user_attrs["point"])
+        p = point.params
+        strengths = [p.writer_scale(i, k) for i in range(3) for k in ("mixer", "mlp")]
+        first = 0 if strengths[0] else 1
+        assert set(strengths[2 * first :]) in ({1.0}, {0.7}) and set(strengths[: 2 * first]) <= {0.0}
+        assert (p.embedding_scale > 0) == (first == 0) and point.layer == int(point.layer)
+    assert len({Point.from_dict(t.user_attrs["point"]).layer for t in study.trials[:12]}) == 3
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     values = {tuple(t.values) for t in study.trials}
     assert len(values) > 40  # the trials measured different edits, not one

@@ -126,22 +126,24 @@ class Space:
         embeddings = trial.suggest_categorical("embeddings", [False, True])
         return Point(position, layer, EditParams(scale=1.0, attention=attention, mlp=mlp, embeddings=embeddings))
 
-    def uniform(self, layer: float, strength: float) -> dict[str, Any]:
-        """The trial parameters of a plain edit: every writer at one strength, embeddings included.
+    def plain(self, layer: float, strength: float, start_layer: int = 0) -> dict[str, Any]:
+        """The trial parameters of a plain edit: every writer from start_layer on at one strength.
 
-        These are the edits the strength ladder tries; a new study starts from them, so the sampler
-        begins where plain abliteration is known to work instead of from random points.
+        These are the edits the strength ladder tries (the embeddings go with start_layer 0); a new
+        study starts from them, so the sampler begins where plain abliteration works.
         """
-        whole = {"peak": strength, "center": (self.n_layers - 1) / 2, "width": float(self.n_layers), "floor": 1.0}
-        profiles = {f"{kind}_{key}": value for kind in ("attention", "mlp") for key, value in whole.items()}
-        return {"layer": min(layer, self.direction_layers), **profiles, "embeddings": True} | (
+        last = self.n_layers - 1
+        span = {"peak": strength, "center": (start_layer + last) / 2, "width": max(0.5, (last - start_layer) / 2),
+                "floor": 1.0}  # fmt: skip
+        profiles = {f"{kind}_{key}": value for kind in ("attention", "mlp") for key, value in span.items()}
+        return {"layer": min(layer, self.direction_layers), **profiles, "embeddings": start_layer == 0} | (
             {"position": 0} if self.positions > 1 else {}
         )
 
-    def starts(self) -> list[dict[str, Any]]:
-        """Plain edits from directions at a third to two thirds of the depth, at full and at 0.7 strength."""
-        layers = [self.direction_layers * f for f in (0.45, 0.6, 0.75, 0.9)]
-        return [self.uniform(layer, strength) for strength in (1.0, 0.7) for layer in layers]
+    def starts(self, layers: list[int]) -> list[dict[str, Any]]:
+        """Plain edits of the given directions: full and 0.7 strength, from the first layer or a third of the way."""
+        firsts = sorted({0, self.n_layers // 3})
+        return [self.plain(layer, s, first) for layer in layers for first in firsts for s in (1.0, 0.7)]
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,14 @@ class Probe:
             return sum(v.label == "refusal" for v in verdicts) / max(1, len(verdicts))
 
         return refused(self.prompts.harmful_prompts, harmful), refused(self.prompts.benign_prompts, benign)
+
+    def rank_layers(self, space: Space, top: int = 3) -> list[int]:
+        """The layers whose direction, fully removed, leaves the least refusal: where a new study starts."""
+        scores = []
+        for layer in range(int(space.direction_layers) + 1):
+            with ablation(self.model, self.arch, self.candidates.between(0, layer), EditParams()):
+                scores.append((self._refusal(self.prompts.harmful), layer))
+        return [layer for _, layer in sorted(scores)[:top]]
 
     def measure(self, point: Point) -> tuple[float, float, float, float]:
         """(refusal, over-refusal, KL, KL upper bound) with the point's edit hooked in."""
@@ -356,8 +366,8 @@ def optimize(
         return refusal, over, kl
 
     if not study.get_trials(deepcopy=False):
-        for start in space.starts()[:trials]:
-            study.enqueue_trial(start)  # a new study begins with the plain edits
+        for start in space.starts(probe.rank_layers(space))[:trials]:
+            study.enqueue_trial(start)  # a new study begins with the plain edits of the best directions
     left = trials - len(study.get_trials(deepcopy=False, states=complete))
     if left > 0:
         stop = optuna.study.MaxTrialsCallback(trials, states=complete)  # other workers' trials count too
