@@ -227,7 +227,10 @@ class Probe:
     def rank_layers(self, space: Space, top: int = 3) -> list[int]:
         """The layers whose direction, fully removed, leaves the least refusal: where a new study starts."""
         scores = []
+        norms = self.candidates.diffs[0].norm(dim=-1)
         for layer in range(int(space.direction_layers) + 1):
+            if norms[layer] <= 1e-6 * norms.max():
+                continue  # e.g. the embedding of a last token every prompt shares: no direction at all
             with ablation(self.model, self.arch, self.candidates.between(0, layer), EditParams()):
                 scores.append((self._refusal(self.prompts.harmful), layer))
         return [layer for _, layer in sorted(scores)[:top]]
