@@ -124,6 +124,7 @@ def test_a_searched_run_resumes_and_any_front_point_applies_afterwards(tmp_path,
     judged = [p for p in found["front"] if p["judged_refusal"] is not None]  # --verify 3: whole answers judged
     assert 1 <= len(judged) <= 3 and found["chosen"] in [p["trial"] for p in judged]
     assert 0 <= found["baseline"]["judged_refusal"] <= 1 and "judged:none:100" in _study(storage).user_attrs
+    assert _study(storage).user_attrs["settings"]["storage"] is None  # a password in the URL stays out of the study
     assert "Pareto front of 6 searched edits" in capsys.readouterr().err
     plots = sorted(p.stem for p in (out / "report").iterdir())
     assert "search_front" in plots and "layer_scores" not in plots  # the report plots what the search did
@@ -177,6 +178,7 @@ def test_two_workers_share_one_study_and_count_every_trial_once(tmp_path, tiny_c
     name = f"shared-{backend}"
     args = ["--search", "--storage", storage, "--study", name, "--max-kl", "50", "--no-eval", *FAST]
     assert cli.main(["run", str(tiny_checkpoint), "--out", str(tmp_path / "run"), "--trials", "3", *args]) == 0
+    assert load_record(tmp_path / "run").settings["storage"] == storage_label(storage)  # no password in the record
     study = optuna.load_study(study_name=name, storage=storage)
     study.set_user_attr("settings", {**study.user_attrs["settings"], "trials": 14})  # the study asks for more
     workers = [

@@ -202,7 +202,8 @@ def search_stage(console: Console, ready: Prepared, settings: Settings) -> Searc
     storage = settings.storage or default_storage()
     name = settings.study or f"abliterate-{key[:16]}"
     study = open_study(storage, name, settings.seed, key)
-    study.set_user_attr("settings", settings.as_dict())
+    if "settings" not in study.user_attrs:  # what a worker reads to join; never the storage URL and its password
+        study.set_user_attr("settings", {**settings.as_dict(), "storage": None})
     console.print(f"[bold]searching[/] study '{name}' in {storage_label(storage)}")
     with progress_bar(console, "measure baselines", 1):
         probe = Probe(work.model, work.tokenizer, work.arch, ready.candidates, validation, refusal_tokens, bs)

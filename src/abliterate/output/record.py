@@ -31,7 +31,7 @@ from abliterate.evaluation.metrics import Metrics
 from abliterate.files import write_json
 from abliterate.model import LoadedModel, ModelSource, context_length, load, save_dtype
 from abliterate.prompts import BUILTIN_SETS, PARTS
-from abliterate.search import Scored, SearchResult
+from abliterate.search import Scored, SearchResult, storage_label
 from abliterate.selection import RefusalTokens, Selection
 from abliterate.settings import Settings
 
@@ -304,7 +304,7 @@ def record(
             for key, s in splits.items()
         },
         split=split_record(settings, splits),
-        settings=settings.as_dict(),
+        settings={**settings.as_dict(), "storage": settings.storage and storage_label(settings.storage)},
         seed=settings.seed,
         refusal_tokens={"ids": list(tokens.ids), "tokens": list(tokens.tokens), "precision": tokens.precision},
         selection=how,
