@@ -18,6 +18,7 @@ from abliterate.edit import EditParams, Profile, ablation
 from abliterate.errors import AbliterateError
 from abliterate.output.record import load_record
 from abliterate.search import Point, Scored, Space, choose, pareto, storage_label
+from abliterate.selection import strength_ladder
 from abliterate.tiny import tiny_model
 
 optuna = pytest.importorskip("optuna", reason="the search needs optuna: pip install 'abliterate[search]'")
@@ -88,16 +89,17 @@ def test_fifty_trials_leave_the_weights_bit_identical(rng):
     study = open_study("sqlite:///:memory:", "weights", seed=0, key="k")
     optimize(study, probe, Space(1, 2.0, 3), trials=50)
     assert len(study.trials) == 50
-    # A new study starts from the ladder's plain edits of the three best directions: each writer from the
-    # first layer (with the embeddings) or from layer 1 on, at 1.0 or 0.7; never more than one strength.
-    for t in study.trials[:12]:
+    # A new study starts from the strength ladder's edits of the three best directions: each writer from
+    # the first layer (with the embeddings) or from layer 1 on, at one strength of the ladder.
+    ladder = [(p.scale, p.start_layer) for p in strength_ladder(3)]
+    for t in study.trials[:15]:
         point = Point.from_dict(t.user_attrs["point"])
         p = point.params
         strengths = [p.writer_scale(i, k) for i in range(3) for k in ("mixer", "mlp")]
         first = 0 if strengths[0] else 1
-        assert set(strengths[2 * first :]) in ({1.0}, {0.7}) and set(strengths[: 2 * first]) <= {0.0}
-        assert (p.embedding_scale > 0) == (first == 0) and point.layer == int(point.layer)
-    assert len({Point.from_dict(t.user_attrs["point"]).layer for t in study.trials[:12]}) == 3
+        assert len(set(strengths[2 * first :])) == 1 and set(strengths[: 2 * first]) <= {0.0}
+        assert (strengths[-1], first) in ladder and (p.embedding_scale > 0) == (first == 0)
+    assert len({Point.from_dict(t.user_attrs["point"]).layer for t in study.trials[:15]}) == 3
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     values = {tuple(t.values) for t in study.trials}
     assert len(values) > 40  # the trials measured different edits, not one

@@ -8,7 +8,8 @@ so no trial touches the weights and none reloads the model. Three numbers are mi
 validation prompts only: refusal (the mean probability of a refusal opening on harmful prompts),
 over-refusal (the same on benign prompts with alarming words) and first-token KL on harmless ones.
 
-Optuna's NSGA-II sampler (seeded) proposes the trials; the study lives in an Optuna storage, a
+Optuna's multi-objective TPE sampler (seeded) proposes the trials, after the strength ladder's own
+edits of the three most promising directions; the study lives in an Optuna storage, a
 SQLite file in the cache by default or any storage URL (postgresql://...), so an interrupted search
 resumes and workers on several machines share one study.
 """
@@ -32,7 +33,7 @@ from abliterate.edit import EditParams, Profile, ablation
 from abliterate.errors import AbliterateError, require
 from abliterate.judge import judge_many
 from abliterate.model import generate, kl_divergence, last_token_logprobs
-from abliterate.selection import RefusalTokens, kl_upper_bound, refusal_log_odds
+from abliterate.selection import RefusalTokens, kl_upper_bound, refusal_log_odds, strength_ladder
 
 OBJECTIVES = ("refusal", "over_refusal", "kl")  # all minimized
 MAX_STRENGTH = 1.25  # a little past full removal: partial layers may need more than their share
@@ -141,9 +142,8 @@ class Space:
         )
 
     def starts(self, layers: list[int]) -> list[dict[str, Any]]:
-        """Plain edits of the given directions: full and 0.7 strength, from the first layer or a third of the way."""
-        firsts = sorted({0, self.n_layers // 3})
-        return [self.plain(layer, s, first) for layer in layers for first in firsts for s in (1.0, 0.7)]
+        """The strength ladder's edits of each of the given directions."""
+        return [self.plain(layer, p.scale, p.start_layer) for layer in layers for p in strength_ladder(self.n_layers)]
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,9 @@ def open_study(storage: str, name: str, seed: int, key: str) -> Any:
             storage=storage,
             study_name=name,
             directions=["minimize"] * len(OBJECTIVES),
-            sampler=optuna.samplers.NSGAIISampler(seed=seed),
+            # Multi-objective TPE models the trials from the 10th on; NSGA-II would sample its whole first
+            # population (50) at random, which is most of a search's budget here.
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True),
             load_if_exists=True,
         )
     except (ImportError, ValueError) as exc:
