@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -131,7 +132,20 @@ def test_full_disk_while_saving_keeps_previous_output(tmp_path, tiny_checkpoint,
 def test_ctrl_c_in_a_real_process(tmp_path, tiny_checkpoint):
     out = tmp_path / "o"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "abliterate.cli", "run", str(tiny_checkpoint), "--out", str(out), "--n-train", "96"],
+        # A seed of its own: collection is never resumed from a cache an earlier run left, so it lasts seconds.
+        [
+            sys.executable,
+            "-m",
+            "abliterate.cli",
+            "run",
+            str(tiny_checkpoint),
+            "--out",
+            str(out),
+            "--n-train",
+            "200",
+            "--seed",
+            str(os.getpid()),
+        ],  # fmt: skip
         stderr=subprocess.PIPE,
         text=True,
     )
