@@ -148,6 +148,9 @@ def test_ctrl_c_in_a_real_process(tmp_path, tiny_checkpoint):
         ],  # fmt: skip
         stderr=subprocess.PIPE,
         text=True,
+        # A shell that starts the suite in the background hands it SIGINT ignored, and a child inherits that:
+        # give the run the disposition a user's terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     line = proc.stderr.readline()  # "loading ..." is printed once arguments and prompts are checked
     assert "loading" in line
