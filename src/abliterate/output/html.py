@@ -63,6 +63,18 @@ def load_run(run_dir: Path) -> RunArtifacts:
     return RunArtifacts(load_record(run_dir), tensors, answers)
 
 
+KL_AXIS = "first-token KL on harmless validation prompts (nats)"
+
+
+def _line_plot(fig: Figure, ax, xlabel: str, ylabel: str) -> bytes:
+    """Label the axes, add the legend and grid every plot of points and lines has, and render the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -99,11 +111,7 @@ def plot_layer_scores(run: RunArtifacts) -> bytes | None:
     if chosen:
         ax.plot(chosen["layer"], chosen["refusal_ablated"], "*", ms=16, color="gold", mec="black", label="chosen")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer the direction was taken from")
-    ax.set_ylabel("refusal log-odds (validation prompts)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _line_plot(fig, ax, "layer the direction was taken from", "refusal log-odds (validation prompts)")
 
 
 def plot_layer_cosine(run: RunArtifacts) -> bytes:
@@ -144,11 +152,7 @@ def plot_projections(run: RunArtifacts) -> bytes:
     ax.plot(layers, harmless, "o-", ms=4, color="tab:blue", label="harmless prompts (mean)")
     ax.axvline(run.record.selection["layer"], color="black", lw=0.8, ls="--", label="direction's layer")
     _layer_ticks(ax, len(layers))
-    ax.set_xlabel("residual stream at the input of layer")
-    ax.set_ylabel("projection on the chosen direction")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _line_plot(fig, ax, "residual stream at the input of layer", "projection on the chosen direction")
 
 
 def search_points(run: RunArtifacts) -> list[dict]:
@@ -187,11 +191,7 @@ def plot_search_front(run: RunArtifacts) -> bytes | None:
         ax.plot([chosen["kl"]], [chosen["refusal"]], "o", ms=14, mfc="none", mec="tab:red", label="chosen")
     ax.axvline(found["kl_threshold"], color="tab:red", ls="--", lw=1, label="KL budget (its upper bound is held)")
     ax.axhline(found["baseline"]["refusal"], color="grey", ls=":", lw=1, label="refusal, no edit")
-    ax.set_xlabel("first-token KL on harmless validation prompts (nats)")
-    ax.set_ylabel("P(refusal opening), harmful validation prompts")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _line_plot(fig, ax, KL_AXIS, "P(refusal opening), harmful validation prompts")
 
 
 def plot_pareto(run: RunArtifacts) -> bytes | None:
@@ -214,11 +214,7 @@ def plot_pareto(run: RunArtifacts) -> bytes | None:
     kls = [p["kl"] for p in points]
     if min(kls) > 0 and max(kls) / min(kls) > 10:
         ax.set_xscale("log")
-    ax.set_xlabel("first-token KL on harmless validation prompts (nats)")
-    ax.set_ylabel("refusal log-odds, harmful validation prompts")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _line_plot(fig, ax, KL_AXIS, "refusal log-odds, harmful validation prompts")
 
 
 def plot_categories(run: RunArtifacts) -> bytes | None:
