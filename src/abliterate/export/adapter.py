@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 ADAPTER = "default"
-PROJECTION_KINDS = ("orthogonalize", "induce")
 
 
 @dataclass(frozen=True)
@@ -198,17 +197,11 @@ def export_adapter(
         raise AbliterateError(
             f"{run} does not exist; pass the --out folder of a finished run (or its abliteration.json)"
         )
-    recorded = run_record.read_edit(run)
-    kind = recorded.record.edit.kind
+    recorded = run_record.read_edit(run)  # the record admits only projections (orthogonalize, induce): rank 1
     if recorded.params.norm_preserving:
         raise AbliterateError(
             "the run's edit is norm-preserving: rescaling every weight column makes it full-rank, so no small LoRA "
             "adapter reproduces it; save the edited model with `abliterate apply` instead"
-        )
-    if kind not in PROJECTION_KINDS:
-        raise AbliterateError(
-            f"the run's edit is '{kind}', which is not a rank-1 projection, so no exact LoRA adapter exists; "
-            "save the edited model with `abliterate apply` instead"
         )
     out = files.check_output(out_dir, force)
     source = model.resolve(base, load.allow_pickle)
