@@ -345,6 +345,8 @@ class RecordedEdit:
     record: RunRecord
     direction: torch.Tensor
     directions_file: Path
+    tensors: dict[str, torch.Tensor]  # everything the directions file holds, read once
+    metadata: dict[str, str] | None
 
     @property
     def params(self) -> EditParams:
@@ -353,11 +355,8 @@ class RecordedEdit:
 
     def save_directions(self, folder: Path) -> None:
         """The run's directions file into `folder`, its direction this edit's (another front trial's, if picked)."""
-        tensors = load_file(str(self.directions_file))
-        with safe_open(str(self.directions_file), "pt") as f:
-            metadata = f.metadata()
-        tensors[self.record.edit.direction_key] = self.direction.double().contiguous()
-        save_file(tensors, str(folder / "directions.safetensors"), metadata=metadata)
+        tensors = {**self.tensors, self.record.edit.direction_key: self.direction.double().contiguous()}
+        save_file(tensors, str(folder / "directions.safetensors"), metadata=self.metadata)
 
 
 def read_edit(edit_file: str | Path, trial: int | None = None) -> RecordedEdit:
@@ -369,17 +368,20 @@ def read_edit(edit_file: str | Path, trial: int | None = None) -> RecordedEdit:
     folder = path if path.is_dir() else path.parent
     directions_file = folder / rec.edit.direction_file
     try:
-        direction = load_file(str(directions_file))[rec.edit.direction_key]
+        tensors = load_file(str(directions_file))
+        with safe_open(str(directions_file), "pt") as f:
+            metadata = f.metadata()
+        direction = tensors[rec.edit.direction_key]
+        if trial is not None:
+            rec, direction = _front_trial(rec, tensors, trial)
     except (KeyError, OSError, ValueError, SafetensorError) as exc:
         raise AbliterateError(
             f"{directions_file} does not hold the run's direction ({exc}); keep it beside the run's {RECORD}"
         ) from None
-    if trial is not None:
-        rec, direction = _front_trial(rec, directions_file, trial)
-    return RecordedEdit(rec, direction, directions_file)
+    return RecordedEdit(rec, direction, directions_file, tensors, metadata)
 
 
-def _front_trial(rec: RunRecord, directions_file: Path, trial: int) -> tuple[RunRecord, torch.Tensor]:
+def _front_trial(rec: RunRecord, tensors: dict[str, torch.Tensor], trial: int) -> tuple[RunRecord, torch.Tensor]:
     """The record and direction of another point of a searched run's front: chosen afterwards, without a search."""
     search = rec.selection.get("search")
     if not search:
@@ -389,7 +391,6 @@ def _front_trial(rec: RunRecord, directions_file: Path, trial: int) -> tuple[Run
         on_front = ", ".join(str(p["trial"]) for p in search["front"])
         raise AbliterateError(f"trial {trial} is not on the run's Pareto front; pick one of {on_front}")
     scored = Scored.from_dict(entry)
-    tensors = load_file(str(directions_file))
     candidates = Candidates(tensors["mean_differences"].double(), tensors["candidate_directions"].double())
     reason = (
         f"front trial {trial}, picked after the search with `abliterate apply --trial {trial}`: validation "
