@@ -29,8 +29,8 @@ from abliterate.search import (
     SearchResult,
     Space,
     Validation,
+    completed,
     default_storage,
-    measured,
     open_study,
     optimize,
     result,
@@ -211,7 +211,7 @@ def search_stage(console: Console, ready: Prepared, settings: Settings) -> Searc
     space = Space(settings.positions, max(0.0, n_layers * (1 - settings.skip_last_layers) - 1), n_layers)
     timeout = settings.search_minutes * 60 or None
     with progress_bar(console, f"search edits (up to {settings.trials} in the study)", settings.trials) as step:
-        step(len(measured(study)))
+        step(completed(study))
         optimize(study, probe, space, settings.trials, timeout, on_trial=lambda _: step())
     threshold = settings.max_kl * settings.kl_margin
     if settings.verify:

@@ -352,13 +352,18 @@ def measured(study: Any) -> list[Scored]:
     ]
 
 
+def completed(study: Any) -> int:
+    """How many trials the study has finished, every worker's counted."""
+    optuna = require("optuna", "search", "the edit search")
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
 def optimize(
     study: Any, probe: Probe, space: Space, trials: int, timeout: float | None = None,
     on_trial: Callable[[Scored], None] | None = None,
 ) -> None:  # fmt: skip
     """Run trials until the study holds `trials` completed ones (counting every worker's) or time runs out."""
     optuna = require("optuna", "search", "the edit search")
-    complete = (optuna.trial.TrialState.COMPLETE,)
 
     def objective(trial: Any) -> tuple[float, float, float]:
         point = space.suggest(trial)
@@ -373,8 +378,9 @@ def optimize(
     if not study.get_trials(deepcopy=False):
         for start in space.starts(probe.rank_layers(space))[:trials]:
             study.enqueue_trial(start)  # a new study begins with the plain edits of the best directions
-    left = trials - len(study.get_trials(deepcopy=False, states=complete))
+    left = trials - completed(study)
     if left > 0:
+        complete = (optuna.trial.TrialState.COMPLETE,)
         stop = optuna.study.MaxTrialsCallback(trials, states=complete)  # other workers' trials count too
         study.optimize(objective, n_trials=left, timeout=timeout, callbacks=[stop], gc_after_trial=False)
 
