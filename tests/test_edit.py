@@ -8,7 +8,7 @@ from helpers import residual_streams
 
 from abliterate.architectures import architecture_for
 from abliterate.directions import Candidates
-from abliterate.edit import EditParams, Profile, ablation, orthogonalize, unit
+from abliterate.edit import EditParams, Profile, ablation, orthogonalize, trial_edit, unit
 from abliterate.tiny import VOCAB, tiny_model
 
 TYPES = ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt2"]
@@ -110,3 +110,28 @@ def test_a_direction_between_layers_blends_its_neighbours():
     assert c.between(0, 1.25)[1] > c.between(0, 1.25)[2] > 0
     with pytest.raises(ValueError, match="outside 0..2"):
         c.between(0, 2.5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("embeddings", [True, False])
+def test_a_norm_preserving_trial_edits_in_place_and_restores_every_bit(tied, embeddings, rng):
+    model = tiny_model("qwen2", dtype=torch.float32, tie_word_embeddings=tied)
+    arch = architecture_for(model)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ids = torch.randint(3, VOCAB, (2, 10), generator=rng)
+    r = torch.randn(64, generator=rng, dtype=torch.float64)
+    params = EditParams(scale=0.8, attention=Profile(0.8, 1.0, 1.0, 0.2), embeddings=embeddings, norm_preserving=True)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    reference = tiny_model("qwen2", dtype=torch.float32, tie_word_embeddings=tied)
+    orthogonalize(reference, arch, r, params)
+    with torch.no_grad():
+        with trial_edit(model, arch, r, params):
+            inside = model(input_ids=ids).logits
+        torch.testing.assert_close(inside, reference(input_ids=ids).logits, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="no hook form"), ablation(model, arch, r, params):
+            pass
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert (
+        model.lm_head.weight is model.model.embed_tokens.weight
+    ) == tied and model.config.tie_word_embeddings == tied

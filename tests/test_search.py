@@ -14,7 +14,7 @@ from helpers import FAST
 
 from abliterate import cli
 from abliterate.architectures import architecture_for
-from abliterate.edit import EditParams, Profile, ablation
+from abliterate.edit import EditParams, Profile, trial_edit
 from abliterate.errors import AbliterateError
 from abliterate.output.record import load_record
 from abliterate.search import Point, Scored, Space, choose, pareto, storage_label
@@ -57,12 +57,15 @@ def test_points_round_trip_and_the_space_proposes_profiles():
     fixed = optuna.trial.FixedTrial({
         "position": 1, "layer": 0.5, "attention_peak": 1.0, "attention_center": 1.0, "attention_width": 1.0,
         "attention_floor": 0.5, "mlp_peak": 0.2, "mlp_center": 2.0, "mlp_width": 0.5, "mlp_floor": 0.0,
-        "embeddings": False,
+        "embeddings": False, "norm_preserving": True,
     })  # fmt: skip
     proposed = Space(positions=2, direction_layers=2.0, n_layers=3).suggest(fixed)
     assert (proposed.position, proposed.layer) == (1, 0.5)
     assert proposed.params.attention == Profile(1.0, 1.0, 1.0, 0.5) and proposed.params.embedding_scale == 0
     assert [proposed.params.writer_scale(i, "mixer") for i in range(3)] == [0.5, 1.0, 0.5]
+    assert proposed.params.norm_preserving
+    fixed_norm = Space(positions=2, direction_layers=2.0, n_layers=3, norm_preserving=False).suggest(fixed)
+    assert not fixed_norm.params.norm_preserving  # --norm-preserving (or its absence) fixed for every trial
 
 
 def test_storage_urls_are_printed_without_their_password():
@@ -87,8 +90,11 @@ def test_fifty_trials_leave_the_weights_bit_identical(rng):
     probe = Probe(model, tok, arch, candidates, Validation(texts, texts, texts, texts, texts),
                   RefusalTokens((5, 6), ("a", "b"), 1, 1, 1.0), 2)  # fmt: skip
     study = open_study("sqlite:///:memory:", "weights", seed=0, key="k")
-    optimize(study, probe, Space(1, 2.0, 3), trials=50)
+    optimize(study, probe, Space(1, 2.0, 3), trials=50, max_kl=0.05)
     assert len(study.trials) == 50
+    # The sampler knows the KL budget: each trial carries its constraint (<= 0 within the budget).
+    for t in study.trials:
+        assert t.constraints == {"kl_bound": pytest.approx(t.user_attrs["kl_bound"] - 0.05)}
     # A new study starts from the strength ladder's edits of the three best directions: each writer from
     # the first layer (with the embeddings) or from layer 1 on, at one strength of the ladder.
     ladder = [(p.scale, p.start_layer) for p in strength_ladder(3)]
@@ -100,6 +106,8 @@ def test_fifty_trials_leave_the_weights_bit_identical(rng):
         assert len(set(strengths[2 * first :])) == 1 and set(strengths[: 2 * first]) <= {0.0}
         assert (strengths[-1], first) in ladder and (p.embedding_scale > 0) == (first == 0)
     assert len({Point.from_dict(t.user_attrs["point"]).layer for t in study.trials[:15]}) == 3
+    # Norm-preserving trials edited the weights in place; every bit came back all the same.
+    assert sum(Point.from_dict(t.user_attrs["point"]).params.norm_preserving for t in study.trials) >= 5
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     values = {tuple(t.values) for t in study.trials}
     assert len(values) > 40  # the trials measured different edits, not one
@@ -156,8 +164,8 @@ def test_a_searched_run_resumes_and_any_front_point_applies_afterwards(tmp_path,
 
     direction = load_file(str(picked / "directions.safetensors"))["direction"]
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), ablation(original, architecture_for(original), direction, point.params):
-        hooked = original(input_ids=ids).logits
+    with torch.no_grad(), trial_edit(original, architecture_for(original), direction, point.params):
+        hooked = original(input_ids=ids).logits  # hooks, or for a norm-preserving point the restored in-place edit
     with torch.no_grad():
         torch.testing.assert_close(edited(input_ids=ids).logits, hooked, rtol=1e-4, atol=1e-5)
 
@@ -166,12 +174,11 @@ def test_a_searched_run_resumes_and_any_front_point_applies_afterwards(tmp_path,
     assert "not on the run's Pareto front" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("flag", ["--induce", "--norm-preserving"])
-def test_what_hooks_cannot_measure_is_refused_before_any_model_work(tmp_path, flag, capsys):
+def test_induction_is_not_searched_and_is_refused_before_any_model_work(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["run", "no/such-model", "--out", str(out), "--search", flag]) == 2
+    assert cli.main(["run", "no/such-model", "--out", str(out), "--search", "--induce"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"drop {flag} or --search" in err[0] and not out.exists()
+    assert len(err) == 1 and "drop --induce or --search" in err[0] and not out.exists()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -431,6 +431,40 @@ def orthogonalize(
     return [target.name for target in targets]
 
 
+@contextlib.contextmanager
+def trial_edit(
+    model: nn.Module, arch: Architecture, direction: torch.Tensor, params: EditParams = EditParams()
+) -> Iterator[None]:
+    """The edit while the context is open, the model bit for bit as before on exit.
+
+    Hooks where they equal the weight edit; a norm-preserving edit has no hook form, so its weights
+    are edited in place and every edited tensor is restored from a copy (tied embeddings re-tied).
+    """
+    if not params.norm_preserving:
+        with ablation(model, arch, direction, params):
+            yield
+        return
+    hf = cast("PreTrainedModel", model)
+    head, embed = hf.get_output_embeddings(), input_embeddings(model)
+    tied = head is not None and head.weight is embed.weight
+    config_tied = [(c, c.tie_word_embeddings) for c in (hf.config, getattr(hf.config, "text_config", None))
+                   if c is not None and hasattr(c, "tie_word_embeddings")]  # fmt: skip
+    saved = [(t.tensor, t.tensor.detach().clone()) for t in edit_targets(model, arch, direction, params)]
+    try:
+        for tensor, _ in saved:
+            check_editable("a tensor to edit", tensor)
+        orthogonalize(model, arch, direction, params)  # unties tied embeddings first; re-tied below
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, original in saved:
+                tensor.copy_(original)
+        if tied and head.weight is not embed.weight:
+            head.weight = embed.weight
+        for config, value in config_tied:
+            config.tie_word_embeddings = value
+
+
 def removal_tolerance(dtype: torch.dtype) -> float:
     """The largest share |x.r| / |x| of the residual stream a full removal may leave, from rounding alone.
 

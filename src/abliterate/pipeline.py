@@ -92,11 +92,8 @@ def check_settings(settings: Settings) -> Path:
     if settings.max_kl <= 0:
         raise AbliterateError("--max-kl must be positive")
     if settings.search:
-        if settings.induce or settings.norm_preserving:
-            flag = "--induce" if settings.induce else "--norm-preserving"
-            raise AbliterateError(
-                f"the search measures edits through hooks and {flag} has none; drop {flag} or --search"
-            )
+        if settings.induce:
+            raise AbliterateError("the search removes refusal; --induce strengthens it: drop --induce or --search")
         if settings.trials < 1 or settings.search_minutes < 0:
             raise AbliterateError("--trials must be at least 1 and --search-minutes not negative")
         require("optuna", "search", "--search")
@@ -201,6 +198,7 @@ def search_stage(console: Console, ready: Prepared, settings: Settings) -> Searc
                                                    "benign_val": benign.sha256, "space": SPACE_VERSION})  # fmt: skip
     storage = settings.storage or default_storage()
     name = settings.study or f"abliterate-{key[:16]}"
+    threshold = settings.max_kl * settings.kl_margin
     study = open_study(storage, name, settings.seed, key)
     if "settings" not in study.user_attrs:  # what a worker reads to join; never the storage URL and its password
         study.set_user_attr("settings", {**settings.as_dict(), "storage": None})
@@ -208,12 +206,13 @@ def search_stage(console: Console, ready: Prepared, settings: Settings) -> Searc
     with progress_bar(console, "measure baselines", 1):
         probe = Probe(work.model, work.tokenizer, work.arch, ready.candidates, validation, refusal_tokens, bs)
     n_layers = ready.candidates.directions.shape[1] - 1
-    space = Space(settings.positions, max(0.0, n_layers * (1 - settings.skip_last_layers) - 1), n_layers)
+    # --norm-preserving makes every trial norm-preserving; without it the search tries both.
+    space = Space(settings.positions, max(0.0, n_layers * (1 - settings.skip_last_layers) - 1), n_layers,
+                  True if settings.norm_preserving else None)  # fmt: skip
     timeout = settings.search_minutes * 60 or None
     with progress_bar(console, f"search edits (up to {settings.trials} in the study)", settings.trials) as step:
         step(completed(study))
-        optimize(study, probe, space, settings.trials, timeout, on_trial=lambda _: step())
-    threshold = settings.max_kl * settings.kl_margin
+        optimize(study, probe, space, settings.trials, timeout, lambda _: step(), threshold)
     if settings.verify:
         judging = f"judge the best {settings.verify} and no edit on whole {settings.verify_tokens}-token answers"
         with progress_bar(console, judging, settings.verify + 1) as step:

@@ -2,14 +2,15 @@
 
 Each trial is one edit: a direction (any position, at a fractional layer index that blends two
 neighbouring layers' directions), a strength profile over layers for the token-mixer writers and
-another for the feed-forward writers, and the embeddings on or off. It is measured through hooks,
-which equal the weight edit exactly (norm preservation has no hook form, so it is not searched),
-so no trial touches the weights and none reloads the model. Three numbers are minimized on
+another for the feed-forward writers, the embeddings on or off, and norm preservation on or off. It
+is measured through hooks, which equal the weight edit exactly; a norm-preserving edit has no hook
+form, so its trial edits the weights in place and restores them bit for bit. No trial reloads the
+model. Three numbers are minimized on
 validation prompts only: refusal (the mean probability of a refusal opening on harmful prompts),
 over-refusal (the same on benign prompts with alarming words) and first-token KL on harmless ones.
 
-Optuna's multi-objective TPE sampler (seeded) proposes the trials, after the strength ladder's own
-edits of the three most promising directions; the study lives in an Optuna storage, a
+Optuna's multi-objective TPE sampler (seeded, told the KL budget as a constraint) proposes the
+trials, after the strength ladder's own edits of the three most promising directions; the study lives in an Optuna storage, a
 SQLite file in the cache by default or any storage URL (postgresql://...), so an interrupted search
 resumes and workers on several machines share one study.
 """
@@ -29,7 +30,7 @@ from torch import nn
 from abliterate import offline
 from abliterate.architectures import Architecture
 from abliterate.directions import Candidates
-from abliterate.edit import EditParams, Profile, ablation
+from abliterate.edit import EditParams, Profile, ablation, trial_edit
 from abliterate.errors import AbliterateError, require
 from abliterate.judge import judge_many
 from abliterate.model import generate, kl_divergence, last_token_logprobs
@@ -38,7 +39,7 @@ from abliterate.selection import RefusalTokens, kl_upper_bound, refusal_log_odds
 OBJECTIVES = ("refusal", "over_refusal", "kl")  # all minimized
 MAX_STRENGTH = 1.25  # a little past full removal: partial layers may need more than their share
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process measured a trial, for a shared study
-SPACE_VERSION = 1  # part of the study's key: a changed space starts a new study instead of mixing trials
+SPACE_VERSION = 2  # part of the study's key: a changed space starts a new study instead of mixing trials
 
 
 def default_storage() -> str:
@@ -107,6 +108,7 @@ class Space:
     positions: int
     direction_layers: float  # directions come from layer indices 0..direction_layers
     n_layers: int  # decoder layers, for the profiles' centres and widths
+    norm_preserving: bool | None = None  # None: searched; True or False: every trial
 
     def suggest(self, trial: Any) -> Point:
         """The point an Optuna trial proposes."""
@@ -125,7 +127,11 @@ class Space:
         layer = trial.suggest_float("layer", 0.0, self.direction_layers)
         attention, mlp = profile("attention"), profile("mlp")
         embeddings = trial.suggest_categorical("embeddings", [False, True])
-        return Point(position, layer, EditParams(scale=1.0, attention=attention, mlp=mlp, embeddings=embeddings))
+        norm = self.norm_preserving
+        if norm is None:
+            norm = trial.suggest_categorical("norm_preserving", [False, True])
+        params = EditParams(scale=1.0, attention=attention, mlp=mlp, embeddings=embeddings, norm_preserving=norm)
+        return Point(position, layer, params)
 
     def plain(self, layer: float, strength: float, start_layer: int = 0) -> dict[str, Any]:
         """The trial parameters of a plain edit: every writer from start_layer on at one strength.
@@ -139,7 +145,7 @@ class Space:
         profiles = {f"{kind}_{key}": value for kind in ("attention", "mlp") for key, value in span.items()}
         return {"layer": min(layer, self.direction_layers), **profiles, "embeddings": start_layer == 0} | (
             {"position": 0} if self.positions > 1 else {}
-        )
+        )  # norm preservation left out: the sampler draws it, so the starts try the ladder's edits both ways
 
     def starts(self, layers: list[int]) -> list[dict[str, Any]]:
         """The strength ladder's edits of each of the given directions."""
@@ -213,7 +219,7 @@ class Probe:
 
     def judge(self, point: Point | None, tokens: int) -> tuple[float, float]:
         """Shares of whole greedy answers (up to `tokens`) judged refusals, harmful then benign; None: no edit."""
-        edit = ablation(self.model, self.arch, point.direction(self.candidates), point.params) if point else None
+        edit = trial_edit(self.model, self.arch, point.direction(self.candidates), point.params) if point else None
         with edit or contextlib.nullcontext():
             harmful = generate(self.model, self.tokenizer, self.prompts.harmful, tokens, self.batch_size)
             benign = generate(self.model, self.tokenizer, self.prompts.benign, tokens, self.batch_size)
@@ -236,8 +242,8 @@ class Probe:
         return [layer for _, layer in sorted(scores)[:top]]
 
     def measure(self, point: Point) -> tuple[float, float, float, float]:
-        """(refusal, over-refusal, KL, KL upper bound) with the point's edit hooked in."""
-        with ablation(self.model, self.arch, point.direction(self.candidates), point.params):
+        """(refusal, over-refusal, KL, KL upper bound) with the point's edit in place (the model restored after)."""
+        with trial_edit(self.model, self.arch, point.direction(self.candidates), point.params):
             kl = kl_divergence(self.base_harmless, self._logprobs(self.prompts.harmless))
             refusal, over = self._refusal(self.prompts.harmful), self._refusal(self.prompts.benign)
         return refusal, over, kl.mean().item(), kl_upper_bound(kl)
@@ -360,9 +366,13 @@ def completed(study: Any) -> int:
 
 def optimize(
     study: Any, probe: Probe, space: Space, trials: int, timeout: float | None = None,
-    on_trial: Callable[[Scored], None] | None = None,
+    on_trial: Callable[[Scored], None] | None = None, max_kl: float | None = None,
 ) -> None:  # fmt: skip
-    """Run trials until the study holds `trials` completed ones (counting every worker's) or time runs out."""
+    """Run trials until the study holds `trials` completed ones (counting every worker's) or time runs out.
+
+    With `max_kl` the sampler knows the KL budget: a trial whose KL upper bound exceeds it is infeasible
+    (an Optuna constraint), so the sampler spends its trials on edits the choice may take.
+    """
     optuna = require("optuna", "search", "the edit search")
 
     def objective(trial: Any) -> tuple[float, float, float]:
@@ -371,6 +381,8 @@ def optimize(
         trial.set_user_attr("point", point.as_dict())
         trial.set_user_attr("kl_bound", bound)
         trial.set_user_attr("worker", WORKER)
+        if max_kl is not None:
+            trial.set_constraint("kl_bound", bound - max_kl)  # <= 0: within the budget
         if on_trial:
             on_trial(Scored(trial.number, point, refusal, over, kl, bound))
         return refusal, over, kl
