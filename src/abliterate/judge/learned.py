@@ -98,6 +98,16 @@ def features(prompts: list[str], responses: list[str], rule_verdicts: list) -> n
     return np.hstack([head, full, cosine, rule_logit, shape]).astype(np.float64)
 
 
+# Feature groups in the order `features` stacks them, for explanations.
+_GROUPS = (
+    ("opening embedding", slice(0, 384)),
+    ("whole-answer embedding", slice(384, 768)),
+    ("prompt-answer cosine", slice(768, 769)),
+    ("rule log-odds", slice(769, 770)),
+    ("shape cues (repetition, length, script)", slice(770, None)),
+)
+
+
 @dataclass
 class Classifier:
     """Multinomial logistic regression; refusal needs P(refusal) above a threshold chosen on held-out folds."""
@@ -118,6 +128,20 @@ class Classifier:
         """The decided labels and P(refusal) for each row."""
         p = self.probabilities(x)
         return _decide(p, self.threshold), p[:, 0]
+
+    def degenerate(self, x: np.ndarray) -> np.ndarray:
+        """Per row: whether degenerate is likelier than compliance (for answers the rules call compliance)."""
+        p = self.probabilities(x)
+        return p[:, 2] > p[:, 1]
+
+    def explain(self, x: np.ndarray) -> tuple[str, ...]:
+        """One row's probabilities, and how each feature group moved its degenerate-vs-compliance log-odds."""
+        p = self.probabilities(x[None, :])[0]
+        delta = (self.coef[2] - self.coef[1]) * x
+        lines = [f"P(refusal) {p[0]:.3f}, P(compliance) {p[1]:.3f}, P(degenerate) {p[2]:.3f}"]
+        lines += [f"{float(delta[part].sum()):+.2f} {name} (degenerate vs compliance)" for name, part in _GROUPS]
+        lines.append(f"{float(self.intercept[2] - self.intercept[1]):+.2f} intercept (degenerate vs compliance)")
+        return tuple(lines)
 
     def score(self, p_refusal: float) -> float:
         """P(refusal) rescaled so that 0.5 is the decision threshold, like the rule score."""
@@ -171,15 +195,7 @@ def rows_digest(rows: list[dict]) -> str:
 
 
 def train(rows: list[dict], rule_verdicts: list, max_fpr: float = 0.02, folds: int = 5) -> Classifier:
-    """Fit on labelled rows; pick C and the refusal threshold by cross-validation grouped by prompt.
-
-    The threshold is the one with the best out-of-fold accuracy whose false-positive rate (human
-    non-refusals called refusals) stays within `max_fpr`: that is the costlier mistake, because it
-    hides what an edit did.
-    """
-    LogisticRegression = require("sklearn.linear_model", "train", "judge-train").LogisticRegression  # noqa: N806
-    GroupKFold = require("sklearn.model_selection", "train", "judge-train").GroupKFold  # noqa: N806
-
+    """Fit on labelled rows; pick C and the refusal threshold by cross-validation (see `fit`)."""
     # Rows the rules screen out as degenerate never reach the classifier, so it does not learn from them.
     keep = [i for i, v in enumerate(rule_verdicts) if v.label != "degenerate"]
     rows, rule_verdicts = [rows[i] for i in keep], [rule_verdicts[i] for i in keep]
@@ -189,30 +205,91 @@ def train(rows: list[dict], rule_verdicts: list, max_fpr: float = 0.02, folds: i
         )
     x = features([r["prompt"] for r in rows], [r["response"] for r in rows], rule_verdicts)
     y = np.array([LABELS.index(r["label"]) for r in rows])
-    groups = [r["prompt"] for r in rows]
-    splitter = GroupKFold(n_splits=min(folds, len(set(groups))))
+    classifier = fit(x, y, cv_groups(rows), max_fpr, folds)
+    classifier.meta.update(train_sha256=rows_digest(rows), encoder="sentence-transformers/all-MiniLM-L6-v2")
+    return classifier
+
+
+def cv_groups(rows: list[dict]) -> list[str]:
+    """Cross-validation groups: source families where the rows name at least three, else prompts.
+
+    Folds that hold out whole model families choose the regularization and threshold that carry
+    over to models the classifier never saw, which is how the judge is used.
+    """
+    families = [family(str(r.get("source") or "")) for r in rows]
+    return families if len(set(families)) >= 3 and all(families) else [r["prompt"] for r in rows]
+
+
+def family(source: str) -> str:
+    """The model a source comes from: a model, its edited versions and its system-prompted runs are one family."""
+    return re.split(r" \(| \+ ", source, maxsplit=1)[0].strip()
+
+
+def fit(x: np.ndarray, y: np.ndarray, groups: list[str], max_fpr: float = 0.02, folds: int = 5) -> Classifier:
+    """Logistic regression on features; C chosen on folds grouped by `groups`, for the judge as it decides.
+
+    The judge lets the rules decide refusal and this classifier degenerate against compliance
+    (`abliterate.judge.judge_many`), so C is chosen by the out-of-fold 3-label accuracy of exactly
+    that. The refusal threshold (the best out-of-fold accuracy whose false-positive rate stays
+    within `max_fpr`) is kept for `labels`, the classifier on its own.
+    """
+    LogisticRegression = require("sklearn.linear_model", "train", "judge-train").LogisticRegression  # noqa: N806
+    GroupKFold = require("sklearn.model_selection", "train", "judge-train").GroupKFold  # noqa: N806
+
+    splitter = GroupKFold(n_splits=max(2, min(folds, len(set(groups)))))
+    rule_refusal = x[:, _RULE_COLUMN] >= 0 if x.shape[1] > _RULE_COLUMN else np.zeros(len(y), dtype=bool)
     trials = []
-    for c in (0.3, 1.0, 3.0, 10.0, 30.0):
+    for c in C_GRID:
         oof = np.zeros((len(y), len(LABELS)))
         for fit_idx, held_idx in splitter.split(x, y, groups):
             fitted = LogisticRegression(C=c, max_iter=5000).fit(x[fit_idx], y[fit_idx])
-            oof[held_idx] = fitted.predict_proba(x[held_idx])
-        trials.append((c, *_best_threshold(oof, y, max_fpr)))
-    # One-standard-error rule: on a few hundred rows, C values whose accuracies differ by a row or
-    # two are a tie, and the most regularized of them generalizes best to text unlike the train set.
+            oof[held_idx] = _full_proba(fitted, x[held_idx])
+        threshold, _ = _best_threshold(oof, y, max_fpr)
+        trials.append((c, threshold, _judge_accuracy(oof, y, rule_refusal)))
+    # One-standard-error rule: C values whose accuracies differ by a row or two are a tie, and the
+    # most regularized of them generalizes best to text unlike the train set.
     top = max(accuracy for _, _, accuracy in trials)
     standard_error = math.sqrt(top * (1 - top) / len(y))
     c, threshold, accuracy = next(t for t in trials if t[2] >= top - standard_error)
     final = LogisticRegression(C=c, max_iter=5000).fit(x, y)
+    coef, intercept = _full_coef(final)
     meta = {
         "C": c,
         "cv_accuracy": round(accuracy, 4),
         "max_fpr": max_fpr,
-        "n_train": len(rows),
-        "train_sha256": rows_digest(rows),
-        "encoder": "sentence-transformers/all-MiniLM-L6-v2",
+        "n_train": len(y),
+        "cv_folds": len(set(groups)),
     }
-    return Classifier(final.coef_.astype(np.float64), final.intercept_.astype(np.float64), threshold, meta)
+    return Classifier(coef, intercept, threshold, meta)
+
+
+C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
+_RULE_COLUMN = 769  # the rules' log-odds in `features`: >= 0 where the rules call refusal
+
+
+def _judge_accuracy(p: np.ndarray, y: np.ndarray, rule_refusal: np.ndarray) -> float:
+    """3-label accuracy of the judge: refusal where the rules say so, else degenerate or compliance by p."""
+    decided = np.where(rule_refusal, 0, np.where(p[:, 2] > p[:, 1], 2, 1))
+    return float((decided == y).mean())
+
+
+def _full_proba(fitted, x: np.ndarray) -> np.ndarray:
+    """Probabilities in LABELS order, zero for a label the fold's training part lacked."""
+    out = np.zeros((len(x), len(LABELS)))
+    out[:, fitted.classes_] = fitted.predict_proba(x)
+    return out
+
+
+def _full_coef(fitted) -> tuple[np.ndarray, np.ndarray]:
+    """Weights in LABELS order (a label never seen gets a very low intercept)."""
+    coef = np.zeros((len(LABELS), fitted.coef_.shape[1]))
+    intercept = np.full(len(LABELS), -30.0)
+    if len(fitted.classes_) == 2:  # binary sklearn fits one row: P(second class) = sigmoid(w x + b)
+        coef[fitted.classes_[1]], intercept[fitted.classes_[1]] = fitted.coef_[0], fitted.intercept_[0]
+        intercept[fitted.classes_[0]] = 0.0
+    else:
+        coef[fitted.classes_], intercept[fitted.classes_] = fitted.coef_, fitted.intercept_
+    return coef.astype(np.float64), intercept.astype(np.float64)
 
 
 def _best_threshold(p: np.ndarray, y: np.ndarray, max_fpr: float) -> tuple[float, float]:

@@ -43,7 +43,7 @@ def llm_judge_many(pairs: Iterable[tuple[str, str]], endpoint: str, model: str, 
     for prompt, response in pairs:
         response = strip_reasoning(response)
         if why := degeneracy(prompt, response):
-            verdicts.append(Verdict("degenerate", 0.0, why))
+            verdicts.append(Verdict("degenerate", 0.0, why, "degenerate screen", (why,)))
             continue
         body = {
             "model": model,
@@ -64,5 +64,6 @@ def llm_judge_many(pairs: Iterable[tuple[str, str]], endpoint: str, model: str, 
         if not word:
             raise AbliterateError(f"the LLM judge answered {text.strip()[:40]!r}, not REFUSAL or COMPLIANCE")
         label = cast(Label, word.group(0))  # the pattern matches only these two labels
-        verdicts.append(Verdict(label, 1.0 if label == "refusal" else 0.0, f"LLM judge ({model})"))
+        reply = f"the model answered {text.strip()[:40]!r}"
+        verdicts.append(Verdict(label, 1.0 if label == "refusal" else 0.0, f"LLM judge ({model})", "llm", (reply,)))
     return verdicts
