@@ -30,6 +30,7 @@ from abliterate.edit import (
     _resolve_weights,
     ablation,
     add_hooks,
+    check_removed,
     orthogonalize,
     unit,
     writer_directions,
@@ -204,6 +205,30 @@ def test_hooks_equal_weight_edit(model_type, params):
     assert torch.equal(model(input_ids=ids).logits, original)  # the hooks leave nothing behind
     assert (hooked - original).abs().max() > 1e-4
     orthogonalize(model, arch, r, params)
+    torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", COVERED)
+def test_several_directions_are_removed_as_one_subspace_and_hooks_equal_weights(model_type):
+    model, arch, ids, r = _setup(model_type, seed=2)
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.stack([r, torch.randn(64, generator=gen, dtype=torch.float64), torch.randn(64, generator=gen,
+                        dtype=torch.float64)])  # fmt: skip
+    basis = unit(rows)
+    assert torch.allclose(basis @ basis.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(basis[0], r)  # the first direction leads, sign and all
+    span = lambda h: (h @ basis.T).norm(dim=-1) / h.norm(dim=-1)  # noqa: E731
+    assert max(span(h).max() for h in residual_streams(model, arch, ids)) > 1e-2  # the check has teeth
+    with ablation(model, arch, rows, PROFILED):
+        hooked = model(input_ids=ids).logits
+    with ablation(model, arch, rows):
+        removed = residual_streams(model, arch, ids)
+    assert all(span(h).max() < 1e-5 for h in removed)  # no component left anywhere in the span
+    orthogonalize(model, arch, rows)
+    assert all(span(h).max() < 1e-5 for h in residual_streams(model, arch, ids))
+    check_removed(model, arch, ids.tolist(), rows)
+    model, arch, ids, _ = _setup(model_type, seed=2)
+    orthogonalize(model, arch, rows, PROFILED)
     torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=1e-5, atol=1e-6)
 
 

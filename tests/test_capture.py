@@ -91,3 +91,21 @@ def test_positions_beyond_every_prompt_is_a_clear_error():
     tok.padding_side = "left"
     with pytest.raises(AbliterateError, match="--positions 40 reaches past the longest prompt"):
         collect(model, tok, architecture_for(model), [TEXTS[0], TEXTS[3]], batch_size=2, positions=40)
+
+
+def test_kept_last_token_activations_are_each_prompts_own_and_average_to_the_means():
+    model, tok = tiny_model("qwen2", dtype=torch.float64), tiny_tokenizer()
+    tok.padding_side = "left"
+    arch = architecture_for(model)
+    kept = collect(model, tok, arch, TEXTS, batch_size=2, positions=2, keep_last_token=True)
+    assert kept.last_token is not None and kept.last_token.shape == (len(TEXTS), 4, 64)
+    assert kept.last_token.dtype == torch.float32
+    torch.testing.assert_close(kept.last_token.double().mean(0), kept.mean[0], rtol=1e-5, atol=1e-6)
+    alone = collect(model, tok, arch, TEXTS[1:2], batch_size=1, keep_last_token=True).last_token
+    assert any(torch.allclose(row, alone[0], atol=1e-5) for row in kept.last_token)  # padding changed nothing
+    assert collect(model, tok, arch, TEXTS, batch_size=2).last_token is None  # only where asked for
+    harmful = collect(model, tok, arch, TEXTS[:3], batch_size=2, keep_last_token=True)
+    harmless = collect(model, tok, arch, TEXTS[3:], batch_size=2)
+    spread = difference_of_means(harmful, harmless).spread
+    assert spread is not None and spread.shape == (3, 4, 64)
+    torch.testing.assert_close(spread.double().mean(0), (harmful.mean - harmless.mean)[0], rtol=1e-5, atol=1e-5)

@@ -112,6 +112,29 @@ def test_a_direction_between_layers_blends_its_neighbours():
         c.between(0, 2.5)
 
 
+def test_several_directions_lead_with_the_mean_difference_then_the_spread_around_it(rng):
+    hidden, prompts = 16, 200
+    mean = torch.zeros(hidden, dtype=torch.float64)
+    mean[0] = 3.0
+    wide, narrow = torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64)
+    wide[1], narrow[2] = 1.0, 1.0
+    # each harmful prompt: the mean difference, plus much variation along `wide` and some along `narrow`
+    spread = (mean + 2.0 * torch.randn(prompts, 1, generator=rng, dtype=torch.float64) * wide
+              + 0.5 * torch.randn(prompts, 1, generator=rng, dtype=torch.float64) * narrow
+              + 0.01 * torch.randn(prompts, hidden, generator=rng, dtype=torch.float64))  # fmt: skip
+    spread = torch.stack([spread, spread], dim=1).float()  # two layers alike
+    diffs = torch.stack([mean, mean])[None]
+    c = Candidates(diffs, diffs / diffs.norm(dim=-1, keepdim=True), spread)
+    torch.testing.assert_close(c.several(0, 0.5, 1), c.between(0, 0.5))
+    three = c.several(0, 0.5, 3)
+    assert three.shape == (3, hidden)
+    torch.testing.assert_close(three @ three.T, torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(three[0], c.between(0, 0.5))
+    assert abs(three[1] @ wide) > 0.99 and abs(three[2] @ narrow) > 0.99  # by variance, largest first
+    with pytest.raises(ValueError, match="last-token activations"):
+        Candidates(diffs, diffs).several(0, 0.0, 2)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("embeddings", [True, False])
 def test_a_norm_preserving_trial_edits_in_place_and_restores_every_bit(tied, embeddings, rng):

@@ -85,12 +85,13 @@ def test_fifty_trials_leave_the_weights_bit_identical(rng):
     directions = torch.randn(1, 4, 64, generator=rng, dtype=torch.float64)
     from abliterate.directions import Candidates
 
-    candidates = Candidates(directions, directions / directions.norm(dim=-1, keepdim=True))
+    spread = torch.randn(8, 4, 64, generator=rng)  # 8 harmful prompts' last-token activations minus the harmless mean
+    candidates = Candidates(directions, directions / directions.norm(dim=-1, keepdim=True), spread)
     texts = ["<|user|>hello there<|end|><|assistant|>", "<|user|>make a cake<|end|><|assistant|>"]
     probe = Probe(model, tok, arch, candidates, Validation(texts, texts, texts, texts, texts),
                   RefusalTokens((5, 6), ("a", "b"), 1, 1, 1.0), 2)  # fmt: skip
     study = open_study("sqlite:///:memory:", "weights", seed=0, key="k")
-    optimize(study, probe, Space(1, 2.0, 3), trials=50, max_kl=0.05)
+    optimize(study, probe, Space(1, 2.0, 3, max_directions=3), trials=50, max_kl=0.05)
     assert len(study.trials) == 50
     # The sampler knows the KL budget: each trial carries its constraint (<= 0 within the budget).
     for t in study.trials:
@@ -107,7 +108,9 @@ def test_fifty_trials_leave_the_weights_bit_identical(rng):
         assert (strengths[-1], first) in ladder and (p.embedding_scale > 0) == (first == 0)
     assert len({Point.from_dict(t.user_attrs["point"]).layer for t in study.trials[:15]}) == 3
     # Norm-preserving trials edited the weights in place; every bit came back all the same.
-    assert sum(Point.from_dict(t.user_attrs["point"]).params.norm_preserving for t in study.trials) >= 5
+    points = [Point.from_dict(t.user_attrs["point"]) for t in study.trials]
+    assert sum(p.params.norm_preserving for p in points) >= 5
+    assert {p.directions for p in points} == {1, 2, 3}  # one to three directions removed at once
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     values = {tuple(t.values) for t in study.trials}
     assert len(values) > 40  # the trials measured different edits, not one
@@ -121,7 +124,7 @@ def _study(storage: str) -> object:
 
 def test_a_searched_run_resumes_and_any_front_point_applies_afterwards(tmp_path, tiny_checkpoint, capsys):
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
-    search = ["--search", "--storage", storage, "--max-kl", "50", "--no-eval", *FAST]
+    search = ["--search", "--storage", storage, "--max-kl", "50", "--max-directions", "3", "--no-eval", *FAST]
     out = tmp_path / "run"
     assert cli.main(["run", str(tiny_checkpoint), "--out", str(out), "--trials", "6", *search]) == 0
     study = _study(storage)
@@ -135,7 +138,10 @@ def test_a_searched_run_resumes_and_any_front_point_applies_afterwards(tmp_path,
     assert 1 <= len(judged) <= 3 and found["chosen"] in [p["trial"] for p in judged]
     assert 0 <= found["baseline"]["judged_refusal"] <= 1 and "judged:none:100" in _study(storage).user_attrs
     assert _study(storage).user_attrs["settings"]["storage"] is None  # a password in the URL stays out of the study
-    assert "Pareto front of 6 searched edits" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Pareto front of 6 searched edits" in err
+    went = err.split("where the time went: ")[1].splitlines()[0]  # every stage, with its share of the run
+    assert all(f"{stage} " in went for stage in ("load and collect", "search", "edit", "save")) and "%)" in went
     plots = sorted(p.stem for p in (out / "report").iterdir())
     assert "search_front" in plots and "layer_scores" not in plots  # the report plots what the search did
 
@@ -148,7 +154,14 @@ def test_a_searched_run_resumes_and_any_front_point_applies_afterwards(tmp_path,
 
     # Another front point, applied without a search: its weights equal its hooks on the original.
     rec = load_record(again)
-    other = next(p for p in rec.selection["search"]["front"] if p["trial"] != rec.selection["search"]["chosen"])
+    front, chosen = rec.selection["search"]["front"], rec.selection["search"]["chosen"]
+    others = sorted((p for p in front if p["trial"] != chosen), key=lambda p: -p["directions"])
+    other = others[0]  # several directions at once where the front has such a point (the starts take turns)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(again / "directions.safetensors"))
+    for p in front:  # every front point's own direction(s) are kept: apply --trial takes them as they are
+        assert stored[f"front.{p['trial']}"].shape == ((p["directions"], 64) if p["directions"] > 1 else (64,))
     picked = tmp_path / "picked"
     assert cli.main(["apply", str(tiny_checkpoint), "--edit", str(again), "--trial", str(other["trial"]),
                      "--out", str(picked)]) == 0  # fmt: skip
@@ -160,9 +173,8 @@ def test_a_searched_run_resumes_and_any_front_point_applies_afterwards(tmp_path,
 
     original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
     edited = AutoModelForCausalLM.from_pretrained(picked, dtype=torch.float32)
-    from safetensors.torch import load_file
-
     direction = load_file(str(picked / "directions.safetensors"))["direction"]
+    assert torch.equal(direction, stored[f"front.{other['trial']}"])
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), trial_edit(original, architecture_for(original), direction, point.params):
         hooked = original(input_ids=ids).logits  # hooks, or for a norm-preserving point the restored in-place edit

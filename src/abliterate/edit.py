@@ -34,9 +34,15 @@ _QUANT_ATTRS = ("quant_state", "SCB", "weight_scale", "weight_scale_inv", "scale
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:
-    """The vector scaled to length one, in float64."""
+    """The vector scaled to length one, in float64; for several directions (rows), an orthonormal basis of their span.
+
+    The basis keeps the first row's direction and sign, so one direction and a set led by it agree.
+    """
     vector = vector.detach().double()
-    return vector / vector.norm()
+    if vector.ndim == 1:
+        return vector / vector.norm()
+    q, r = torch.linalg.qr(vector.T)  # Gram-Schmidt in row order: q's first column spans the first row
+    return (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).T
 
 
 def writer_directions(model: nn.Module, arch: Architecture, direction: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -62,6 +68,8 @@ def writer_directions(model: nn.Module, arch: Architecture, direction: torch.Ten
 
 def _project_out(x: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     u = u.to(device=x.device, dtype=x.dtype)
+    if u.ndim == 2:  # orthonormal rows: remove the component in their span
+        return x - scale * (x @ u.T) @ u
     return x - scale * (x @ u).unsqueeze(-1) * u
 
 
@@ -319,7 +327,8 @@ def remove_component_(
     With `out` (same shape, any float dtype) the result goes there instead, rounded once from float64.
     A tensor of three or more dimensions (fused experts) is edited one leading slice at a time, so no
     float64 copy is larger than `chunk` vectors. With preserve_norm every vector along `axis` is then
-    rescaled to its length before the edit (a vector that lay wholly along u stays zero).
+    rescaled to its length before the edit (a vector that lay wholly along u stays zero). A 2-D `u`
+    holds several orthonormal directions as rows; the component in their span is removed.
     """
     check_editable("the tensor to edit", tensor)
     out = tensor if out is None else out
@@ -333,7 +342,7 @@ def remove_component_(
     u = u.to(tensor.device, torch.float64)
     shape = [1] * tensor.ndim
     shape[axis] = -1
-    u_shaped = u.view(shape)
+    u_shaped = u.view(shape) if u.ndim == 1 else None  # several directions: see below
     chunk_dim = 0 if axis != 0 else 1
     if tensor.ndim == 1:
         parts = [(tensor, out)]
@@ -346,8 +355,12 @@ def remove_component_(
     for part, target in parts:
         exact = _as_float64(part)
         length = exact.norm(dim=axis, keepdim=True) if preserve_norm else None
-        coeff = torch.tensordot(exact, u, dims=([axis], [0])).unsqueeze(axis)
-        exact.sub_(scale * coeff * u_shaped)  # in place: one float64 chunk fewer, same bits
+        if u_shaped is not None:
+            coeff = torch.tensordot(exact, u, dims=([axis], [0])).unsqueeze(axis)
+            exact.sub_(scale * coeff * u_shaped)  # in place: one float64 chunk fewer, same bits
+        else:  # orthonormal rows of u: the residual axis last (a view), minus its component in their span
+            moved = exact.movedim(axis, -1)
+            moved.sub_(scale * (moved @ u.T) @ u)
         if length is not None:
             now = exact.norm(dim=axis, keepdim=True)
             exact.mul_(torch.where(now > 0, length / now.clamp_min(1e-300), torch.ones_like(now)))
@@ -495,7 +508,9 @@ def check_removed(
 
     def record(index: int, x: torch.Tensor) -> None:
         x = x.detach().double()
-        share = (x @ r.to(x.device)).abs() / x.norm(dim=-1).clamp_min(1e-30)
+        u = r.to(x.device)
+        along = (x @ u.T).norm(dim=-1) if u.ndim == 2 else (x @ u).abs()  # several directions: their span
+        share = along / x.norm(dim=-1).clamp_min(1e-30)
         worst[index] = max(worst[index], share.max().item())
 
     pre = [(block, lambda m, a, k, i=i: record(i, a[0] if a else k["hidden_states"])) for i, block in enumerate(blocks)]

@@ -33,3 +33,28 @@ def progress_bar(console: Console, description: str, total: int) -> Iterator[Cal
 
         yield advance
     console.print(f"  {description}: {time.time() - started:.0f} s")
+
+
+class Stopwatch:
+    """Wall time per stage of a run, laps taken in order: where the time went."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        """Charge the time since the previous lap to `stage`."""
+        now = time.time()
+        self.laps[stage] = self.laps.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    @property
+    def seconds(self) -> float:
+        """Time since the start."""
+        return time.time() - self.started
+
+    def summary(self) -> str:
+        """Each stage's minutes and share of the whole, longest first."""
+        total = max(self.seconds, 1e-9)
+        parts = sorted(self.laps.items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{stage} {s / 60:.1f} min ({s / total:.0%})" for stage, s in parts)

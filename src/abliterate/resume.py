@@ -86,6 +86,8 @@ def save_means(key: str, means: tuple[ResidualMeans, ResidualMeans]) -> None:
     for name, part in (("harmful", harmful), ("harmless", harmless)):
         if part.position_counts is not None:
             tensors[f"{name}_position_counts"] = part.position_counts
+        if part.last_token is not None:
+            tensors[f"{name}_last_token"] = part.last_token
     meta = {"harmful_count": str(harmful.count), "harmless_count": str(harmless.count)}
     atomic_write(_folder(key) / "means.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -100,14 +102,11 @@ def load_means(key: str) -> tuple[ResidualMeans, ResidualMeans] | None:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
-    return (
-        ResidualMeans(
-            tensors["harmful"].to(torch.float64), int(meta["harmful_count"]), tensors.get("harmful_position_counts")
-        ),
-        ResidualMeans(
-            tensors["harmless"].to(torch.float64), int(meta["harmless_count"]), tensors.get("harmless_position_counts")
-        ),  # fmt: skip
-    )
+    means = lambda name: ResidualMeans(  # noqa: E731
+        tensors[name].to(torch.float64), int(meta[f"{name}_count"]), tensors.get(f"{name}_position_counts"),
+        tensors.get(f"{name}_last_token"),
+    )  # fmt: skip
+    return means("harmful"), means("harmless")
 
 
 def save_selection(key: str, selection: Selection) -> None:

@@ -83,14 +83,16 @@ class Point:
     position: int  # candidate position (0: the last prompt token)
     layer: float  # fractional layer index of the direction
     params: EditParams
+    directions: int = 1  # removed at once: the mean difference, then the harmful prompts' principal directions
 
     def direction(self, candidates: Candidates) -> torch.Tensor:
-        """The unit direction this point removes."""
-        return candidates.between(self.position, self.layer)
+        """The unit direction this point removes, or for several an orthonormal (k, hidden) basis."""
+        return candidates.several(self.position, self.layer, self.directions)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return {"position": self.position, "layer": self.layer, "params": asdict(self.params)}
+        return {"position": self.position, "layer": self.layer, "directions": self.directions,
+                "params": asdict(self.params)}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Point:
@@ -98,7 +100,7 @@ class Point:
         p = dict(data["params"])
         for kind in ("attention", "mlp"):
             p[kind] = Profile(**p[kind]) if p.get(kind) else None
-        return cls(int(data["position"]), float(data["layer"]), EditParams(**p))
+        return cls(int(data["position"]), float(data["layer"]), EditParams(**p), int(data.get("directions", 1)))
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Space:
     direction_layers: float  # directions come from layer indices 0..direction_layers
     n_layers: int  # decoder layers, for the profiles' centres and widths
     norm_preserving: bool | None = None  # None: searched; True or False: every trial
+    max_directions: int = 1  # up to this many directions removed at once (they need position 0)
 
     def suggest(self, trial: Any) -> Point:
         """The point an Optuna trial proposes."""
@@ -131,7 +134,8 @@ class Space:
         if norm is None:
             norm = trial.suggest_categorical("norm_preserving", [False, True])
         params = EditParams(scale=1.0, attention=attention, mlp=mlp, embeddings=embeddings, norm_preserving=norm)
-        return Point(position, layer, params)
+        k = trial.suggest_int("directions", 1, self.max_directions) if self.max_directions > 1 else 1
+        return Point(position, layer, params, k if position == 0 else 1)
 
     def plain(self, layer: float, strength: float, start_layer: int = 0) -> dict[str, Any]:
         """The trial parameters of a plain edit: every writer from start_layer on at one strength.
@@ -145,11 +149,16 @@ class Space:
         profiles = {f"{kind}_{key}": value for kind in ("attention", "mlp") for key, value in span.items()}
         return {"layer": min(layer, self.direction_layers), **profiles, "embeddings": start_layer == 0} | (
             {"position": 0} if self.positions > 1 else {}
-        )  # norm preservation left out: the sampler draws it, so the starts try the ladder's edits both ways
+        )
 
     def starts(self, layers: list[int]) -> list[dict[str, Any]]:
-        """The strength ladder's edits of each of the given directions."""
-        return [self.plain(layer, p.scale, p.start_layer) for layer in layers for p in strength_ladder(self.n_layers)]
+        """The strength ladder's edits of each of the given directions, taking turns with and without norm
+        preservation and with one to max_directions directions where those are searched (a sampler whose
+        history has only one value of a choice hardly ever tries another)."""
+        plain = [self.plain(layer, p.scale, p.start_layer) for layer in layers for p in strength_ladder(self.n_layers)]
+        norm = lambda i: {"norm_preserving": i % 2 == 1} if self.norm_preserving is None else {}  # noqa: E731
+        k = lambda i: {"directions": 1 + (i // 2) % self.max_directions} if self.max_directions > 1 else {}  # noqa: E731
+        return [start | norm(i) | k(i) for i, start in enumerate(plain)]
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,11 @@ def export_adapter(
             "the run's edit is norm-preserving: rescaling every weight column makes it full-rank, so no small LoRA "
             "adapter reproduces it; save the edited model with `abliterate apply` instead"
         )
+    if recorded.direction.ndim == 2:
+        raise AbliterateError(
+            f"the run's edit removes {recorded.direction.shape[0]} directions at once and this export writes rank-1 "
+            "adapters; save the edited model with `abliterate apply` instead"
+        )
     out = files.check_output(out_dir, force)
     source = model.resolve(base, load.allow_pickle)
     console.print(f"[bold]loading[/] {base}")

@@ -330,7 +330,7 @@ def render_html(run: RunArtifacts, pngs: dict[str, bytes]) -> str:
     verb = "strengthened" if run.induce else "removed"
     parts = [
         f"<h1>abliterate report: {_e(name)}</h1>",
-        f"<p>Refusal direction from layer {_e(sel['layer'])}, position {_e(sel['position'])} from the end of the "
+        f"<p>Refusal {_e(rec.direction_source)} from the end of the "
         f"prompt; {verb}: {_e(edit.params.describe())}. {_e(sel['reason'])}."
         f"</p><p>Model <code>{_e(rec.model.spec)}</code>, seed {_e(rec.seed)}, run {_e(rec.created)} "
         f"with abliterate {_e(rec.abliterate_version)}.</p>",
