@@ -26,7 +26,7 @@ def model_card(rec: RunRecord) -> str:
     ]
     lines = front + [
         "",
-        f"# {name}, {'refusal strengthened' if induced else 'abliterated'}",
+        f"# {name}, {'refusal strengthened' if induced else 'abliterated'}{', then healed' if rec.heal else ''}",
         "",
         f"The refusal direction of `{name}` (difference of mean residual activations "
         f"on harmful and harmless prompts, layer {sel['layer']}, position {sel['position']} from the end of the prompt) "
@@ -39,7 +39,9 @@ def model_card(rec: RunRecord) -> str:
     if rec.applied_to:
         lines += [f"This edit was re-applied to `{rec.applied_to['source']}` with `abliterate apply`; the numbers below "
                   "were measured by the run that made it.", ""]  # fmt: skip
-    if rec.metrics:
+    if rec.heal:
+        lines += _healed(rec.heal)
+    elif rec.metrics:
         lines += markdown(rec.metrics.header("original", "abliterated"), rec.metrics.rows())
         lines += [
             "",
@@ -52,7 +54,7 @@ def model_card(rec: RunRecord) -> str:
         "",
         "## Parameters",
         "",
-        f"- direction from layer {sel['layer']}, position {sel['position']}; {sel['reason']}",
+        f"- {rec.direction_source}; {sel['reason']}",
         f"- edit: {edit.params.describe()}",
         f"- refusal openings learned from the model: {rec.refusal_tokens.get('tokens', [])}",
         f"- prompts: train {rec.settings['n_train']}, validation {rec.settings['n_val']}, "
@@ -82,6 +84,35 @@ def model_card(rec: RunRecord) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+HEAL_ROWS = {  # the heal section's measured rows, in the card's words
+    "kl_per_token": "per-token KL to the original (harmless validation prompts)",
+    "kl_first_token": "first-token KL to the original",
+    "refusal_log_odds": "refusal log-odds (harmful validation prompts)",
+    "judged_refusal": "judged refusal (harmful validation prompts)",
+}
+
+
+def _healed(heal: dict) -> list[str]:
+    """The heal's three columns (original, edited, healed) and what it did."""
+    cell = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    rows = [(label, *(cell(heal["measured"][key].get(c)) for c in ("original", "edited", "healed")))
+            for key, label in HEAL_ROWS.items() if key in heal["measured"]]  # fmt: skip
+    held = "Its loss also held the first answer token after harmful prompts to the edited model's"
+    anchor = f"{held} ({heal['anchor']}). " if heal.get("anchor") else ""
+    return [
+        f"After the edit, `abliterate heal` trained a rank-{heal['settings']['rank']} LoRA on the "
+        f"{heal['writers']} residual-stream writers for {heal['steps']} steps (kept: step {heal['best_step']}; "
+        f"stopped: {heal['stopped']}) to pull the model's next-token distributions back toward the original's on "
+        f"harmless prompts and the original's own answers to them. {heal['constraint']} (largest update along it: "
+        f"{heal['max_update_along_direction']:.2g}). " + anchor + f"It is {heal['note']}.",
+        "",
+        *markdown(("", "original", "abliterated", "healed"), rows),
+        "",
+        f"Measured on {heal['measured_on']}. `abliterate evaluate` of this folder against the original measures the "
+        "run's held-out test prompts.",
+    ]
 
 
 def _reproduce(rec: RunRecord) -> str:

@@ -80,9 +80,11 @@ def save_model(
 
 
 def save_directions(
-    folder: Path, candidates: Candidates, harmful: ResidualMeans, harmless: ResidualMeans, chosen: torch.Tensor
-) -> None:
-    """The chosen direction, every candidate and the means it came from, as safetensors."""
+    folder: Path, candidates: Candidates, harmful: ResidualMeans, harmless: ResidualMeans, chosen: torch.Tensor,
+    front: dict[int, torch.Tensor] | None = None,
+) -> None:  # fmt: skip
+    """The chosen direction (a vector, or (k, hidden) rows for several), every candidate, the means it came from
+    and each searched front point's own direction(s), as safetensors."""
     save_file(
         {
             "direction": chosen.double().contiguous(),  # float64, so `apply` reproduces the edit bit for bit
@@ -90,6 +92,8 @@ def save_directions(
             "mean_differences": candidates.diffs.float().contiguous(),
             "harmful_means": harmful.mean.float().contiguous(),
             "harmless_means": harmless.mean.float().contiguous(),
+            # apply --trial takes these as they are: several directions come from per-prompt activations not kept here
+            **{f"front.{trial}": d.double().contiguous() for trial, d in (front or {}).items()},
         },
         str(folder / "directions.safetensors"),
         metadata={"layout": "(position from last, layer input 0..L-1 then output of layer L-1, hidden)"},
@@ -197,12 +201,25 @@ class RunRecord:
     versions: dict[str, Any] = dataclasses.field(default_factory=dict)
     applied_to: dict[str, Any] | None = None  # set by `apply`: the model the edit was re-applied to
     adapter: dict[str, Any] | None = None  # set by `export-adapter`
+    heal: dict[str, Any] | None = None  # set by `heal`: a LoRA fine-tune on top of the edit, not a rank-1 edit
     schema: int = SCHEMA
 
     @property
     def induce(self) -> bool:
         """Whether the edit strengthens refusal instead of removing it."""
         return self.edit.kind == "induce"
+
+    @property
+    def direction_source(self) -> str:
+        """Where the edit's direction came from, in words, for the card and the report."""
+        sel = self.selection
+        k = int(sel.get("directions", 1))
+        what = (
+            "direction"
+            if k == 1
+            else f"{k} directions (the mean difference, then the harmful prompts' principal directions around it)"
+        )
+        return f"{what} from layer {sel['layer']}, position {sel['position']}"
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form, in the file's key order."""
@@ -318,7 +335,7 @@ def _choice(selection: Selection | None, found: SearchResult | None) -> tuple[di
     """The record's selection section, and the refusal openings the choice was measured with."""
     if found is not None:
         point = found.chosen.point
-        how = {"position": point.position, "layer": point.layer, "reason": found.reason,
+        how = {"position": point.position, "layer": point.layer, "directions": point.directions, "reason": found.reason,
                "kl_threshold": found.kl_threshold, "candidates": [], "search": found.as_dict()}  # fmt: skip
         return how, found.refusal_tokens
     if selection is None:
@@ -355,7 +372,9 @@ class RecordedEdit:
 
     def save_directions(self, folder: Path) -> None:
         """The run's directions file into `folder`, its direction this edit's (another front trial's, if picked)."""
-        tensors = {**self.tensors, self.record.edit.direction_key: self.direction.double().contiguous()}
+        # a copy: the direction may be one of the file's own tensors (a front point's), and safetensors refuses
+        # to write two names for one storage
+        tensors = {**self.tensors, self.record.edit.direction_key: self.direction.to(torch.float64, copy=True)}
         save_file(tensors, str(folder / "directions.safetensors"), metadata=self.metadata)
 
 
@@ -365,6 +384,11 @@ def read_edit(edit_file: str | Path, trial: int | None = None) -> RecordedEdit:
     if not path.exists():
         raise AbliterateError(f"edit file {path} does not exist; pass the abliteration.json of a run")
     rec = load_record(path)
+    if rec.heal:
+        raise AbliterateError(
+            f"{path} records a healed model ({rec.heal.get('note', 'a LoRA fine-tune, not a rank-1 edit')}); "
+            f"pass the run folder it was healed from ({rec.heal.get('run', 'see its record')}) to reuse the edit"
+        )
     folder = path if path.is_dir() else path.parent
     directions_file = folder / rec.edit.direction_file
     try:
@@ -398,8 +422,12 @@ def _front_trial(rec: RunRecord, tensors: dict[str, torch.Tensor], trial: int) -
         f"{scored.kl:.3g} (upper bound {scored.kl_bound:.3g})"
     )
     point = scored.point
-    selection = {**rec.selection, "position": point.position, "layer": point.layer, "reason": reason,
+    selection = {**rec.selection, "position": point.position, "layer": point.layer, "directions": point.directions,
+                 "reason": reason,
                  "search": {**search, "chosen": trial}}  # fmt: skip
     edit = EditInfo.of(point.params, [], rec.edit.tie_word_embeddings)
+    # Runs since several directions store each front point's; older ones had one, rebuilt from the candidates.
+    direction = tensors.get(f"front.{trial}")
+    direction = point.direction(candidates) if direction is None else direction
     # The run's metrics measured its own choice, not this point: they do not travel with it.
-    return replace(rec, selection=selection, edit=edit, metrics=None), point.direction(candidates)
+    return replace(rec, selection=selection, edit=edit, metrics=None), direction
