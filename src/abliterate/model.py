@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, cast
 import torch
 from torch import nn
 
-from abliterate import offline
+from abliterate import forward, offline
 from abliterate.architectures import Architecture, architecture_for, input_embeddings
 from abliterate.errors import AbliterateError
 from abliterate.settings import LoadOptions
@@ -211,6 +211,7 @@ def load(
     options: LoadOptions = LoadOptions(),
     progress: Callable[[str], None] = print,
     load_in_4bit: bool = False,
+    streamable: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer; built-in models are fetched and their dequantized weights cached.
 
@@ -218,6 +219,8 @@ def load(
     weights exactly as stored, for an edit that is saved. load_in_4bit quantizes the linear layers
     with bitsandbytes (CUDA only): good enough to collect and select, but such a model cannot be
     edited or saved. A checkpoint that is already quantized (FP8, bitsandbytes, GPTQ, AWQ, ...) is refused.
+    With `streamable`, a safetensors model bigger than options.max_memory is layer-streamed (see forward.py):
+    forward passes work, weight edits do not.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -274,9 +277,22 @@ def load(
         stored = torch.float32 if source.kind in ("builtin", "gguf") else declared
         compute_dtype = (stored or torch.float32) if dtype == "source" else pick_dtype(dtype, device)
         kwargs["dtype"] = compute_dtype
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model: nn.Module = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
+        folder = Path(where) if source.kind in ("builtin", "folder") else None
+        streamed = streamable and not load_in_4bit
+        streamed = streamed and forward.should_stream(folder, options.max_memory, compute_dtype, device)
+        if streamed:
+            assert folder is not None  # should_stream needs a folder to say yes
+            model: nn.Module = forward.load_streamed(folder, compute_dtype, device, trust_remote_code)
+            limit = options.max_memory if options.max_memory != "auto" else "80% of the free memory"
+            progress(
+                f"  layer-streamed: its weights need {forward.checkpoint_bytes(folder, compute_dtype) / 2**20:,.0f} MiB "
+                f"in {str(compute_dtype).replace('torch.', '')}, more than {limit}; one decoder layer is loaded "
+                "at a time (generation reads every layer once per token: slow)"
+            )
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "custom code" in first and not trust_remote_code:
@@ -285,8 +301,8 @@ def load(
                 "default; read that code, then pass --trust-remote-code to run it"
             ) from None
         raise AbliterateError(f"could not load model '{spec}': {first}") from None
-    if "device_map" not in kwargs:
-        model.to(device)
+    if "device_map" not in kwargs and forward.stream_of(model) is None:
+        model.to(device)  # a streamed model's real parts are on the device already
     model.eval()
     model.requires_grad_(False)
     _clear_gguf_quantization(model)
@@ -384,12 +400,14 @@ def encode(tokenizer, texts: list[str], device: torch.device | str) -> dict:
 @torch.no_grad()
 def last_token_logprobs(model: nn.Module, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
     """Log-probabilities (float32, CPU) of the next token after each prompt, shape (n, vocab)."""
-    out = []
     device = input_embeddings(model).weight.device
-    for start in range(0, len(texts), batch_size):
-        inputs = encode(tokenizer, texts[start : start + batch_size], device)
-        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
-        out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+    batches = [
+        encode(tokenizer, texts[start : start + batch_size], device) for start in range(0, len(texts), batch_size)
+    ]
+    out = [
+        torch.log_softmax(o.logits[:, -1, :].float(), dim=-1).cpu()
+        for o in forward.run(model, batches, logits_to_keep=1)
+    ]
     return torch.cat(out)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from abliterate import forward
 from abliterate.architectures import input_embeddings
 from abliterate.errors import AbliterateError
 from abliterate.model import context_length, generate_ids, kl_divergence
@@ -128,23 +129,23 @@ def teacher_forced(
     continuation token, for prefix + continuation fed whole; batched with left padding, in any order."""
     device = input_embeddings(model).weight.device
     vocab = input_embeddings(model).num_embeddings
-    for index in _batches(prefixes, continuations, batch_size, vocab):
+    groups = list(_batches(prefixes, continuations, batch_size, vocab))
+    keeps = [max(len(continuations[i]) for i in index) + 1 for index in groups]
+    inputs = []
+    for index, keep in zip(groups, keeps):
         seqs = [prefixes[i] + continuations[i] for i in index]
         width = max(len(s) for s in seqs)
-        keep = max(len(continuations[i]) for i in index) + 1
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for row, s in enumerate(seqs):
             ids[row, width - len(s) :] = torch.tensor(s)
             mask[row, width - len(s) :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # padding shifts nothing
-        logits = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids.to(device),
-            use_cache=False,
-            logits_to_keep=keep,  # only the answer positions need the vocabulary projection
-        ).logits
+        # Only the answer positions need the vocabulary projection.
+        inputs.append({"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                       "position_ids": position_ids.to(device), "logits_to_keep": keep})  # fmt: skip
+    for out, index, keep in zip(forward.run(model, inputs), groups, keeps):
+        logits = out.logits
         for row, i in enumerate(index):
             n = len(continuations[i])
             # logits[:, t] is position width - keep + t; the last n tokens are predicted from the n before them
