@@ -246,3 +246,26 @@ def start_postgres(database: str = "abliterate") -> tuple[str, Callable[[], None
         stop()
         raise
     return f"postgresql+psycopg2://abliterate@/{database}?host={sock}&port={port}", stop
+
+
+def start_model_server(model: str | Path, *flags: str) -> tuple[str, Callable[[], None]]:
+    """A real `abliterate serve MODEL` process on a free local port: its API root URL and a function that stops it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "abliterate.cli", "serve", str(model), "--port", "0", "--device", "cpu", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "serving ID at URL" once the port is bound; empty if the process died
+    if not line.startswith("serving "):
+        stop()
+        raise RuntimeError(f"abliterate serve did not start: {line}{proc.stderr.read() if proc.stderr else ''}")
+    return line.rsplit(" at ", 1)[1].strip(), stop

@@ -97,8 +97,14 @@ def _cmd_judge(args: argparse.Namespace) -> int:
         verdicts = [rule_judge(p, r) for p, r in pairs]
     else:
         verdicts = judge_many(pairs, Classifier.load(Path(args.classifier)) if args.classifier else None)
+    if args.explain:
+        from abliterate.judge import explanation
+
+        for number, v in enumerate(verdicts, 1):
+            print(f"#{number} {explanation(v)}")
+    extra = lambda v: {"stage": v.stage, "reason": v.reason} if args.explain else {}  # noqa: E731
     lines = [
-        json.dumps({**item, "label": v.label, "score": round(v.score, 4)}, ensure_ascii=False)
+        json.dumps({**item, "label": v.label, "score": round(v.score, 4), **extra(v)}, ensure_ascii=False)
         for item, v in zip(items, verdicts)
     ]
     check_output(out, args.force, "labels")  # again: an LLM judge takes long enough for the file to appear
@@ -171,7 +177,37 @@ def _cmd_judge_accuracy(args: argparse.Namespace) -> int:
     Console().print(table)
     for human, row in acc.confusion.items():
         print(f"  human {human:<10} -> judge " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    if not args.split_only:
+        _print_leave_one_source_out(path, args.rules_only)
     return 0
+
+
+def _print_leave_one_source_out(path, rules_only: bool) -> None:
+    """Per source, over the whole file: the judge with that source's family left out of training, the rules, a phrase rule."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from abliterate.judge.accuracy import leave_one_source_out, pooled
+    from abliterate.judge.learned import family
+
+    _, rows = _labelled_rows(str(path), None)
+    if len({family(str(r.get("source") or "")) for r in rows}) < 2:
+        print("leave one source out: skipped; it needs rows from two or more model families (a 'source' field)")
+        return
+    held = leave_one_source_out(rows, learned_stage=not rules_only)
+    table = Table(
+        title=f"leave one source out: {path.name}, n={len(rows)} (refusal accuracy / recall / false-positive rate)"
+    )
+    judges = [("rules", "rules only"), ("phrases", "phrase rule")]
+    if not rules_only:
+        judges.insert(0, ("judge", "judge (family left out)"))
+    for col in ("held-out source", "n", *(name for _, name in judges)):
+        table.add_column(col, justify="left" if col == "held-out source" else "right")
+    cell = lambda a: f"{a.refusal_accuracy:.3f} / {a.recall:.3f} / {a.false_positive_rate:.3f}"  # noqa: E731
+    for h in held:
+        table.add_row(h.source, str(h.judge.n), *(cell(getattr(h, key)) for key, _ in judges))
+    table.add_row("all sources", str(len(rows)), *(cell(pooled(held, key)) for key, _ in judges))
+    Console(width=200).print(table)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -195,8 +231,35 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from abliterate.evaluation import standalone
 
     fields = standalone.Options.__dataclass_fields__
-    options = standalone.Options(**{k: v for k, v in vars(args).items() if k in fields}, load=_load_options(args))
+    servers = {"generate_endpoint": _endpoint(args.generate_endpoint, args.endpoint_model, "--endpoint-model"),
+               "baseline_endpoint": _endpoint(args.baseline_endpoint, args.baseline_endpoint_model,
+                                              "--baseline-endpoint-model")}  # fmt: skip
+    plain = {k: v for k, v in vars(args).items() if k in fields and k not in servers}
+    options = standalone.Options(**plain, **servers, load=_load_options(args))
     standalone.run(args.model, args.baseline, options, args.out, args.force)
+    return 0
+
+
+def _endpoint(url: str | None, name: str | None, name_flag: str):
+    """An OpenAI-compatible server from its URL flag and model-name flag; None without a URL."""
+    from abliterate.generation import Endpoint
+
+    if name and not url:
+        raise AbliterateError(f"{name_flag} names the model at an endpoint: pass the endpoint's URL too")
+    return Endpoint(url, name) if url else None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from abliterate import model, serve
+
+    if args.batch_size < 1:
+        raise AbliterateError("--batch-size must be at least 1")
+    source = model.resolve(args.model, args.allow_pickle)
+    lm = model.load(source, _load_options(args), lambda line: print(line, file=sys.stderr))
+    name = args.served_model_name or serve.model_id(source)
+    # flushed at once: a script (or a test) reads this line to learn the port
+    ready = lambda url: print(f"serving {name} at {url}", flush=True)  # noqa: E731
+    serve.serve(lm, name, args.host, args.port, args.batch_size, ready)
     return 0
 
 
@@ -234,15 +297,26 @@ def add_settings_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, 
 
 
 def add_load_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] = ()) -> None:
-    """The load flags (all of LoadOptions, or the named ones) for commands other than run, with run's help."""
+    """The load flags (all of LoadOptions but --max-memory, or the named ones) for commands other than run, with
+    run's help; those commands load the whole model, so layer streaming's limit is run's alone."""
     fields = {f.name: f for f in dataclasses.fields(settings.Settings)}
-    for name in names or tuple(f.name for f in dataclasses.fields(LoadOptions)):
+    for name in names or tuple(f.name for f in dataclasses.fields(LoadOptions) if f.name != "max_memory"):
         f = fields[name]
         flag, help_ = f"--{name.replace('_', '-')}", f.metadata["help"]
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=help_)
         else:
             parser.add_argument(flag, default=f.default, help=f"{help_} (default: {f.default})")
+
+
+def _cmd_heal(args: argparse.Namespace) -> int:
+    from abliterate.heal import HealOptions, heal
+
+    names = {f.name for f in dataclasses.fields(HealOptions)} - {"prompts", "load"}
+    options = HealOptions(**{n: getattr(args, n) for n in names}, prompts=tuple(args.prompts or ()),
+                          load=_load_options(args))  # fmt: skip
+    heal(args.run_dir, args.out, options, args.force)
+    return 0
 
 
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
@@ -353,8 +427,27 @@ def build_parser() -> argparse.ArgumentParser:
         ("--samples", 6, "side-by-side sample answers per prompt set in the report"),
     ):
         ev.add_argument(name, type=int, default=default, help=f"{help_} (default: {default})")
+    ev.add_argument(
+        "--generate-endpoint", metavar="URL",
+        help="an OpenAI-compatible server (vLLM, llama.cpp, Ollama, `abliterate serve`) serving MODEL: the judged "
+        "answers come from it, KL and perplexity from MODEL loaded here (docs/serving.md)",
+    )  # fmt: skip
+    ev.add_argument("--endpoint-model", metavar="NAME",
+                    help="the id under which that server serves MODEL (default: the one it lists named like MODEL)")  # fmt: skip
+    ev.add_argument("--baseline-endpoint", metavar="URL", help="a server serving the baseline, likewise")
+    ev.add_argument("--baseline-endpoint-model", metavar="NAME", help="the id under which it serves the baseline")
     add_load_arguments(ev)
     ev.set_defaults(func=_cmd_evaluate)
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (for --generate-endpoint)")
+    srv.add_argument("model", help="built-in name, HF folder (a run's --out), .gguf file or hub id")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    srv.add_argument("--served-model-name", metavar="NAME",
+                     help="the model id to list and answer to (default: MODEL's absolute path, or its name)")  # fmt: skip
+    srv.add_argument("--batch-size", type=int, default=16,
+                     help="greedy requests decoded together at most (default: 16)")  # fmt: skip
+    add_load_arguments(srv)
+    srv.set_defaults(func=_cmd_serve)
     bench = sub.add_parser("benchmark", help="lm-evaluation-harness tasks, original and model side by side")
     bench.add_argument("model", help="built-in name, HF folder, .gguf file or hub id")
     bench.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy,hellaswag")
@@ -377,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument(
         "--llm-model", default="default", help="model name to ask at --llm-endpoint (key: OPENAI_API_KEY)"
     )
+    judge.add_argument(
+        "--explain", action="store_true", help="print which stage decided each label and on what evidence"
+    )
     judge.set_defaults(func=_cmd_judge)
     train = sub.add_parser(
         "judge-train", help="fit the judge's learned stage on labelled (prompt, response, label) rows"
@@ -391,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("file", nargs="?", help="labelled .jsonl (default: the built-in labelled set)")
     accuracy.add_argument("--split", help="only rows whose 'split' field has this value")
     accuracy.add_argument("--rules-only", action="store_true", help="score the rule stage alone")
+    accuracy.add_argument(
+        "--split-only",
+        action="store_true",
+        help="skip the leave-one-source-out table (it refits once per model family)",
+    )
     accuracy.set_defaults(func=_cmd_judge_accuracy)
     report = sub.add_parser("report", help="re-render a run folder's report.html and report/*.png from its files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished run")
@@ -413,7 +514,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace the output file if an earlier export-gguf wrote it"
     )
     to_gguf.set_defaults(func=_cmd_export_gguf)
+    add_heal_parser(sub)
     return parser
+
+
+def add_heal_parser(sub: Any) -> None:
+    """`abliterate heal RUN_DIR --out DIR`: its flags, with HealOptions' defaults."""
+    from abliterate.heal import HealOptions
+
+    d = HealOptions()
+    heal = sub.add_parser(
+        "heal", help="LoRA-distil a run's edited model back toward the original, off the removed direction"
+    )
+    heal.add_argument("run_dir", help="the run's output folder (edited model and abliteration.json)")
+    heal.add_argument("--out", required=True, help="folder for the healed model")
+    heal.add_argument("--original", help="the original model (default: the one the run's record names)")
+    heal.add_argument("--prompts", action="append", metavar="FILE",
+                      help="more harmless prompts to distil on (a prompt file or hub name; repeatable)")  # fmt: skip
+    for name, kind, help_ in (
+        ("steps", int, "optimizer steps"),
+        ("minutes", float, "time budget; training stops early enough to save within it (a rerun resumes)"),
+        ("lr", float, "learning rate (AdamW)"),
+        ("rank", int, "LoRA rank"),
+        ("batch_size", int, "sequences per step"),
+        ("check_every", int, "steps between refusal checks and checkpoints"),
+        ("refusal_margin", float, "rise of the mean refusal log-odds over the edited model's that stops training"),
+        ("anchor", float, "weight of the first-token KL to the edited model on harmful training prompts"),
+        ("n_prompts", int, "harmless training prompts of the run's split to distil on"),
+        ("n_val", int, "harmless validation prompts whose KL picks the checkpoint kept"),
+        ("answer_tokens", int, "tokens of the original's answer distilled per prompt"),
+        ("top_k", int, "teacher log-probs kept per position (plus the tail mass)"),
+        ("judge_tokens", int, "answer length judged before and after"),
+        ("seed", int, "seed of the batch order and the LoRA start"),
+    ):
+        heal.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name),
+                          help=f"{help_} (default: {getattr(d, name)})")  # fmt: skip
+    heal.add_argument(
+        "--adapter-only", action="store_true", help="save the LoRA adapter alone instead of the merged model"
+    )
+    heal.add_argument(
+        "--force", action="store_true", help="replace the output folder if it is empty or an earlier abliterate output"
+    )
+    add_load_arguments(heal)
+    heal.set_defaults(func=_cmd_heal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if os.environ["TRANSFORMERS_VERBOSITY"] == "error":  # a user's own level stays
+            # transformers may have read its environment already (it is imported above): set its level too
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.set_verbosity_error()
     try:
         return args.func(args)
     except AbliterateError as exc:

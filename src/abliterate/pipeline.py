@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,17 +10,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from abliterate import capture, directions, files, model, prompts, resume
+from abliterate import capture, directions, files, forward, model, prompts, resume
 from abliterate.capture import ResidualMeans
 from abliterate.directions import Candidates
 from abliterate.edit import EditParams, check_removed, orthogonalize
 from abliterate.errors import AbliterateError, require
 from abliterate.evaluation.measure import Measurement, MeasureOptions, answer_rows, measure, summarize
 from abliterate.evaluation.metrics import Metrics
-from abliterate.export import hub
+from abliterate.export import hub, sharded
 from abliterate.output import card, html, tables
 from abliterate.output import record as run_record
-from abliterate.progress import progress_bar
+from abliterate.progress import Stopwatch, progress_bar
 from abliterate.prompts import PARTS
 from abliterate.search import (
     SPACE_VERSION,
@@ -106,12 +105,18 @@ def check_settings(settings: Settings) -> Path:
     return out
 
 
-def prepare(settings: Settings, console: Console) -> Prepared:
+def prepare(settings: Settings, console: Console, evaluates: bool = False) -> Prepared:
     """Load the model and prompts; 1-2: collect residual means (cached: reruns resume) and take their differences."""
     splits = load_prompt_sets(settings)
     source = model.resolve(settings.model, settings.allow_pickle)
     console.print(f"[bold]loading[/] {settings.model}")
     lm = _load_finite(console, source, settings, splits["harmless"].train.texts[:4], settings.load_in_4bit)
+    if evaluates and forward.stream_of(lm.model) is not None:
+        raise AbliterateError(
+            f"{settings.model} is layer-streamed (it does not fit in --max-memory {settings.max_memory}); collect and "
+            "select stream, but the evaluation's answers need the whole model: pass --no-eval (then `abliterate "
+            "evaluate` on a machine it fits), or a larger --max-memory"
+        )
     texts = _format(console, lm, settings, splits)
     work = _with_room_for_answers(console, lm, settings, texts)
     inputs = collect_stage_inputs(work, settings, splits)
@@ -124,10 +129,11 @@ def prepare(settings: Settings, console: Console) -> Prepared:
 def run(settings: Settings, console: Console | None = None) -> RunResult:
     """Collect, compute directions, select (or search), orthogonalize, evaluate and save one abliteration."""
     console = console or Console(stderr=True, soft_wrap=True)
-    started = time.time()
+    clock = Stopwatch()
     torch.manual_seed(settings.seed)
     out = check_settings(settings)
-    ready = prepare(settings, console)
+    ready = prepare(settings, console, evaluates=not settings.no_eval)
+    clock.lap("load and collect")
     lm, work, splits, texts, candidates, means = (
         ready.lm, ready.work, ready.splits, ready.texts, ready.candidates, ready.means
     )  # fmt: skip
@@ -145,6 +151,7 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
         chosen = selection.chosen
         direction = candidates.direction(chosen.position, chosen.layer)
         params = replace(chosen.params, norm_preserving=settings.norm_preserving)
+    clock.lap("search" if settings.search else "select")
     if settings.load_in_4bit:  # the 4-bit copy served collect and select; evaluate and edit the real weights
         source = lm.source
         del lm, work, ready
@@ -153,24 +160,35 @@ def run(settings: Settings, console: Console | None = None) -> RunResult:
 
     # 4-5. Measure the original, edit its weights, measure again.
     before = None if settings.no_eval else _measure(console, work, splits, texts, settings, "before")
-    edited = _edit(work, texts, direction, params)
+    clock.lap("evaluate")
+    stream = forward.stream_of(lm.model)
+    plan = _stream_plan(stream.folder, settings, direction, params) if stream else None
+    edited = list(plan.targets) if plan else _edit(work, texts, direction, params)
+    clock.lap("edit")
     after = None if settings.no_eval else _measure(console, work, splits, texts, settings, "after", before)
+    clock.lap("evaluate")
     metrics = summarize(before, after) if after else None
     if metrics:
         tables.print_metrics(console, metrics)
 
     console.print(f"[bold]saving[/] to {out}")
     with files.staging(out, settings.force) as tmp:
-        run_record.save_model(lm, tmp, settings.save_dtype, (direction, params), console.print)
-        run_record.save_directions(tmp, candidates, *means, direction)
+        if plan:  # a streamed model is edited on its checkpoint, shard by shard, as `apply` does
+            plan.write(tmp)
+        else:
+            run_record.save_model(lm, tmp, settings.save_dtype, (direction, params), console.print)
+        front = {s.trial: s.point.direction(candidates) for s in found.front} if found else {}
+        run_record.save_directions(tmp, candidates, *means, direction, front)
         record = run_record.record(lm, settings, splits, selection, found, params, edited, metrics)
         run_record.write_record(tmp, record)
         if after:
             files.write_json(tmp / "evaluation.json", answer_rows(before, after))
         (tmp / "README.md").write_text(card.model_card(record), encoding="utf-8")
         html.write_report(tmp)  # report.html and report/*.png, from the files just written
-    seconds = time.time() - started
+    clock.lap("save")
+    seconds = clock.seconds
     console.print(f"[bold green]done[/] in {seconds / 60:.1f} min: {out}")
+    console.print(f"  where the time went: {clock.summary()}")
     if settings.push_to_hub:
         console.print(f"[bold]uploaded[/] {hub.push(out, settings.push_to_hub)}")
     return RunResult(out, selection, metrics, seconds, found)
@@ -195,7 +213,8 @@ def search_stage(console: Console, ready: Prepared, settings: Settings) -> Searc
         list(benign.texts),
     )
     key = resume.stage_key(work.source, "search", {**select_stage_inputs(ready.inputs, splits, settings),
-                                                   "benign_val": benign.sha256, "space": SPACE_VERSION})  # fmt: skip
+                                                   "benign_val": benign.sha256, "space": SPACE_VERSION,
+                                                   "max_directions": settings.max_directions})  # fmt: skip
     storage = settings.storage or default_storage()
     name = settings.study or f"abliterate-{key[:16]}"
     threshold = settings.max_kl * settings.kl_margin
@@ -207,8 +226,9 @@ def search_stage(console: Console, ready: Prepared, settings: Settings) -> Searc
         probe = Probe(work.model, work.tokenizer, work.arch, ready.candidates, validation, refusal_tokens, bs)
     n_layers = ready.candidates.directions.shape[1] - 1
     # --norm-preserving makes every trial norm-preserving; without it the search tries both.
+    several = settings.max_directions if ready.candidates.spread is not None else 1
     space = Space(settings.positions, max(0.0, n_layers * (1 - settings.skip_last_layers) - 1), n_layers,
-                  True if settings.norm_preserving else None)  # fmt: skip
+                  True if settings.norm_preserving else None, several)  # fmt: skip
     timeout = settings.search_minutes * 60 or None
     with progress_bar(console, f"search edits (up to {settings.trials} in the study)", settings.trials) as step:
         step(completed(study))
@@ -282,7 +302,20 @@ def collect_stage_inputs(work: model.LoadedModel, settings: Settings, splits: di
         **({"load_in_4bit": True} if settings.load_in_4bit else {}),  # keeps the keys of full-precision runs
         **({"thinking_off": True} if thinking_off else {}),  # the prompts differ only for templates with the switch
         **({"pad_free_means": True} if settings.positions > 1 else {}),  # older caches averaged pads in here
+        "last_token": True,  # each harmful prompt's last-token activations, for several directions at once
     }
+
+
+def _stream_plan(folder: Path, settings: Settings, direction: torch.Tensor, params: EditParams) -> sharded.StreamPlan:
+    """The shard-by-shard edit of a streamed model's checkpoint; a one-line error where its layout does not allow one."""
+    try:
+        return sharded.prepare(folder, direction, params, settings.save_dtype, settings.device,
+                               settings.trust_remote_code)  # fmt: skip
+    except sharded.NotStreamable as exc:
+        raise AbliterateError(
+            f"the streamed model's checkpoint cannot be edited shard by shard ({exc}); save the run's edit with "
+            "`abliterate apply --in-memory` on a machine the model fits"
+        ) from None
 
 
 def _edit(work: model.LoadedModel, texts: dict, direction: torch.Tensor, params: EditParams) -> list[str]:
@@ -308,7 +341,7 @@ def _load_finite(
 ) -> model.LoadedModel:
     """Load the model; if a half-precision forward pass overflows to inf/NaN, reload in float32."""
     load = lambda dtype: model.load(  # noqa: E731
-        source, replace(settings.load_options(), dtype=dtype), console.print, load_in_4bit
+        source, replace(settings.load_options(), dtype=dtype), console.print, load_in_4bit, streamable=True
     )
     lm = load(settings.dtype)
     texts = prompts.format_all(lm.tokenizer, probe, settings.system_prompt, settings.thinking)
@@ -347,7 +380,7 @@ def _collect(
     tok, net, arch, bs = lm.tokenizer, lm.model, lm.arch, settings.batch_size
     harmful, harmless = texts["harmful"]["train"], texts["harmless"]["train"]
     with progress_bar(console, "collect residual means", len(harmful) + len(harmless)) as step:
-        harmful_means = capture.collect(net, tok, arch, harmful, bs, settings.positions, step)
+        harmful_means = capture.collect(net, tok, arch, harmful, bs, settings.positions, step, keep_last_token=True)
         harmless_means = capture.collect(net, tok, arch, harmless, bs, settings.positions, step)
     return harmful_means, harmless_means
 

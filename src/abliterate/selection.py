@@ -238,6 +238,14 @@ def select_direction(
             "the harmful and harmless training prompts give the same mean activations at every candidate layer, "
             "so there is no direction to remove; use different harmful and harmless prompt sets"
         )
+    if not induce and baseline_refused == 0 and refusal_tokens.refusals_seen == 0:
+        # Nothing refused, by the first-token score or by the judge reading whole answers: an "edit" here would be
+        # chosen on noise (a random model's scores move by hundredths either way).
+        raise AbliterateError(
+            f"the model refused 0 of {len(harmful_val)} harmful validation prompts (refusal log-odds > 0 on the first "
+            f"answer token) and none of the {refusal_tokens.answers_seen} answers the judge read: there is no refusal "
+            "to remove; use prompts it refuses or another model"
+        )
 
     ranked = sorted(scores, key=lambda s: s.refusal_ablated)
     ladder = induction_ladder() if induce else strength_ladder(model_layers)

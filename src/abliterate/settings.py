@@ -27,6 +27,7 @@ class LoadOptions:
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    max_memory: str = "auto"  # above it, `run` streams decoder layers from disk one at a time
 
 
 LOAD = LoadOptions()
@@ -66,8 +67,14 @@ class Settings:
     induce: bool = _opt(False, "strengthen the refusal direction instead of removing it", feeds="select")
     search: bool = _opt(
         False,
-        "search the edit space (direction layer, per-layer strengths of attention and MLP writers, embeddings) for a "
+        "search the edit space (direction layer, how many directions, per-layer strengths of attention and MLP "
+        "writers, embeddings, norm preservation) for a "
         "Pareto front of refusal, over-refusal and KL instead of selecting on the strength ladder (abliterate[search])",
+    )
+    max_directions: int = _opt(
+        1,
+        "the search removes up to this many directions at once: the mean difference, then the harmful prompts' "
+        "principal directions around it (1: one direction; docs/results.md has why that is the default)",
     )
     trials: int = _opt(60, "edits the search measures, all workers together; more continue the same study")
     search_minutes: float = _opt(0.0, "stop the search after this many minutes (0: when --trials are done)")
@@ -99,6 +106,12 @@ class Settings:
         "float16, float64; the edit is computed in float64 and rounded once to it",
     )
     device: str = _opt(LOAD.device, "auto, cpu, cuda, cuda:N or mps")
+    max_memory: str = _opt(
+        LOAD.max_memory,
+        "memory the model may take (a size such as 6GB; auto: 80 percent of the free memory); a safetensors model "
+        "whose weights in the compute dtype need more is layer-streamed: one decoder layer in memory at a time "
+        "(run: collect, select, --search and the save; needs --no-eval)",
+    )
     load_in_4bit: bool = _opt(
         False, "collect and select on a bitsandbytes 4-bit copy (CUDA only); edit full-precision weights"
     )
@@ -120,7 +133,7 @@ class Settings:
 
     def load_options(self) -> LoadOptions:
         """The load flag group of this run."""
-        return LoadOptions(self.dtype, self.device, self.trust_remote_code, self.allow_pickle)
+        return LoadOptions(self.dtype, self.device, self.trust_remote_code, self.allow_pickle, self.max_memory)
 
     def feeding(self, stage: str) -> dict:
         """The settings a cached stage's result depends on (those declared with feeds=stage), by name."""

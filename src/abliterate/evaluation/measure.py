@@ -18,6 +18,7 @@ from abliterate.evaluation import damage
 from abliterate.evaluation.answers import JudgedAnswers, judge_answers
 from abliterate.evaluation.metrics import Metrics, PerplexityChange, RateChange
 from abliterate.evaluation.stats import Mean, bootstrap_mean, mcnemar
+from abliterate.generation import Generator, InProcess
 from abliterate.progress import progress_bar
 from abliterate.prompts import PromptSet
 
@@ -52,18 +53,21 @@ def measure(
     when: str,
     baseline: Measurement | None = None,
     reference: bool = True,
+    generator: Generator | None = None,
 ) -> Measurement:
     """Generate and judge answers to the harmful and benign prompts; score KL and perplexity on harmless ones.
 
     `texts` are the chat-formatted `sets`. Against a baseline, its reference answers are scored; alone,
     this model's own greedy answers become the reference (skipped with reference=False: a model measured
-    on its own needs only the paragraphs' perplexity).
+    on its own needs only the paragraphs' perplexity). The judged answers come from `generator` (default:
+    the model in memory); the reference answers, token ids scored teacher-forced, always from the model here.
     """
     tok, net, bs = lm.tokenizer, lm.model, options.batch_size
+    generator = generator or InProcess(net, tok, bs)
     answers = {}
     for key in JUDGED:
         with progress_bar(console, f"generate {when}: {key} ({len(texts[key])})", len(texts[key])) as step:
-            responses = model.generate(net, tok, texts[key], options.max_new_tokens, bs, step)
+            responses = generator.answers(sets[key].texts, texts[key], options.max_new_tokens, step)
         answers[key] = judge_answers(key, sets[key].texts, [p.category for p in sets[key].prompts], responses)
     harmless = texts["harmless"]
     ref = baseline.reference if baseline else None

@@ -22,6 +22,7 @@ from abliterate.evaluation.answers import sample_pairs
 from abliterate.evaluation.measure import Measurement, MeasureOptions, answer_rows, measure, summarize
 from abliterate.evaluation.metrics import RATE_ROWS, Metrics
 from abliterate.files import atomic_write_text, check_report_pair
+from abliterate.generation import Endpoint, Served, served_model
 from abliterate.output import tables
 from abliterate.output.record import RECORD, load_record, prompt_source
 from abliterate.settings import LoadOptions, Settings
@@ -48,6 +49,8 @@ class Options:
     system_prompt: str | None = None
     load: LoadOptions = field(default_factory=LoadOptions)
     split_from: str | None = None  # a run folder or abliteration.json; default: MODEL when it is a run folder
+    generate_endpoint: Endpoint | None = None  # a server of the model: the judged answers come from it
+    baseline_endpoint: Endpoint | None = None  # the same for the baseline
 
     def measure_options(self) -> MeasureOptions:
         """How much to generate and score."""
@@ -68,8 +71,10 @@ def run(model_spec: str, baseline_spec: str | None, options: Options, out: str |
         console.print(f"  test prompts: the ones held out by the run recorded in {recorded[0]}")
     source = model.resolve(model_spec, options.load.allow_pickle)
     base_source = model.resolve(baseline_spec, options.load.allow_pickle) if baseline_spec else None
-    base = _measure(console, base_source, sets, options, "baseline", reference=True) if base_source else None
-    measured = _measure(console, source, sets, options, "model", base)  # alone, it needs no reference answers
+    options = _check_servers(options, model_spec, baseline_spec)  # before any model is loaded
+    base = (_measure(console, base_source, sets, options, "baseline", reference=True, endpoint=options.baseline_endpoint)
+            if base_source else None)  # fmt: skip
+    measured = _measure(console, source, sets, options, "model", base, endpoint=options.generate_endpoint)
     metrics = summarize(base, measured)
     tables.print_metrics(console, metrics, "baseline", "model")
     result = build_report(model_spec, baseline_spec, options, sets, base, measured, metrics, source, base_source)
@@ -90,6 +95,15 @@ def _check(options: Options, out: str | None, force: bool) -> Path | None:
     if options.samples < 0:
         raise AbliterateError("--samples must not be negative")
     return check_report_pair(out, force, "evaluation")
+
+
+def _check_servers(options: Options, model_spec: str, baseline_spec: str | None) -> Options:
+    """Each server is reachable and serves its model; the options with the served model ids filled in."""
+    if options.baseline_endpoint and not baseline_spec:
+        raise AbliterateError("--baseline-endpoint serves the baseline's answers: pass --baseline ORIGINAL too")
+    checked = lambda e, spec: replace(e, model=served_model(e, spec)) if e and spec else e  # noqa: E731
+    return replace(options, generate_endpoint=checked(options.generate_endpoint, model_spec),
+                   baseline_endpoint=checked(options.baseline_endpoint, baseline_spec))  # fmt: skip
 
 
 def recorded_split(model_spec: str, split_from: str | None) -> tuple[Path, dict] | None:
@@ -159,15 +173,24 @@ def test_prompts(spec: str, n_test: int, seed: int, held_out: bool) -> prompts.P
 
 
 def _measure(console: Console, source: model.ModelSource, sets: dict[str, prompts.PromptSet], options: Options,
-             when: str, base: Measurement | None = None, reference: bool = False) -> Measurement:  # fmt: skip
-    """Load, measure and free one model; the baseline (reference=True) also makes the reference answers for KL."""
+             when: str, base: Measurement | None = None, reference: bool = False,
+             endpoint: Endpoint | None = None) -> Measurement:  # fmt: skip
+    """Load, measure and free one model; the baseline (reference=True) also makes the reference answers for KL.
+
+    With an endpoint (its served model id already checked), the judged answers come from that server.
+    """
     console.print(f"[bold]loading[/] {source.spec}")
     lm = model.load(source, options.load, console.print)
     texts = {key: prompts.format_all(lm.tokenizer, s.texts, options.system_prompt) for key, s in sets.items()}
     reserve = max(options.max_new_tokens, options.kl_tokens)
     tokenizer, _ = model.limit_prompt_length(lm.tokenizer, lm.model, sum(texts.values(), []), reserve)
+    served = None
+    if endpoint:
+        assert endpoint.model is not None  # _check_servers named the served model
+        console.print(f"  answers from the server at {endpoint.base} ({endpoint.model})")
+        served = Served(endpoint, endpoint.model, tokenizer, options.system_prompt)
     result = measure(replace(lm, tokenizer=tokenizer), sets, texts, options.measure_options(), console, when, base,
-                     reference)  # fmt: skip
+                     reference, served)  # fmt: skip
     del lm
     gc.collect()
     if torch.cuda.is_available():
@@ -189,6 +212,7 @@ def build_report(model_spec: str, baseline_spec: str | None, options: Options, s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": describe(source),
         "baseline": describe(base_source) if base_source else None,
+        # settings record each endpoint's URL and served model id: which server wrote the answers
         "settings": {k: v for k, v in asdict(options).items() if k != "load"}
         | {"dtype": options.load.dtype, "device": options.load.device},
         "prompts": {key: {"source": s.name, "n": len(s), "sha256": s.sha256} for key, s in sets.items()},
@@ -214,9 +238,11 @@ def markdown(result: dict) -> str:
         f"# Evaluation of `{result['model']['spec']}`" + (f" against `{baseline['spec']}`" if baseline else ""),
         "",
         f"{n['harmful']} harmful, {n['benign']} benign-but-alarming and {n['harmless']} harmless test prompts; greedy "
-        f"answers of {s['max_new_tokens']} new tokens judged whole by abliterate's judge; seed {s['seed']}.",
+        f"answers of {s['max_new_tokens']} new tokens judged whole by abliterate's judge; seed {s['seed']}."
+        + "".join(f" The {who}'s answers came from the server at {e['url']} (model `{e['model']}`)."
+                  for who, e in (("model", s.get("generate_endpoint")), ("baseline", s.get("baseline_endpoint"))) if e),
         "",
-    ]
+    ]  # fmt: skip
     metrics = Metrics.from_dict(result["metrics"])
     assert metrics is not None  # a report always measured the model
     lines += tables.markdown(metrics.header("baseline", "model"), metrics.rows())
