@@ -65,6 +65,11 @@ class CandidateScore:
         return EditParams(self.scale, self.start_layer)
 
 
+# Adding a refusal direction must raise the harmless prompts' refusal log-odds by at least this much; a random
+# model's directions move it by hundredths either way, and an edit chosen on that would be chosen on noise.
+MIN_INDUCED = 0.1
+
+
 def strength_ladder(n_layers: int) -> list[EditParams]:
     """Edits from strongest to gentlest: full ablation, then sparing the first third of the layers,
     then removing only part of the component there. Measured on Qwen2.5-0.5B, each step lowers
@@ -238,14 +243,6 @@ def select_direction(
             "the harmful and harmless training prompts give the same mean activations at every candidate layer, "
             "so there is no direction to remove; use different harmful and harmless prompt sets"
         )
-    if not induce and baseline_refused == 0 and refusal_tokens.refusals_seen == 0:
-        # Nothing refused, by the first-token score or by the judge reading whole answers: an "edit" here would be
-        # chosen on noise (a random model's scores move by hundredths either way).
-        raise AbliterateError(
-            f"the model refused 0 of {len(harmful_val)} harmful validation prompts (refusal log-odds > 0 on the first "
-            f"answer token) and none of the {refusal_tokens.answers_seen} answers the judge read: there is no refusal "
-            "to remove; use prompts it refuses or another model"
-        )
 
     ranked = sorted(scores, key=lambda s: s.refusal_ablated)
     ladder = induction_ladder() if induce else strength_ladder(model_layers)
@@ -261,7 +258,7 @@ def select_direction(
         score.refusal_induced = refusal_log_odds(lp, ids).mean().item()
         if on_step:
             on_step(f"addition pos {score.position} layer {score.layer}")
-        if score.refusal_induced <= baseline_harmless:
+        if score.refusal_induced <= baseline_harmless + MIN_INDUCED:
             continue  # adding it does not make the model refuse: not the refusal direction
         for params in ladder:
             with ablation(model, arch, direction, params):
@@ -327,7 +324,9 @@ def _why_none(
 ) -> str:  # fmt: skip
     """One line: why no candidate qualified, from what was measured, and what to try."""
     searched = [s for s in ranked if s.refusal_induced is not None]
-    inducing = [s for s in searched if s.refusal_induced is not None and s.refusal_induced > baseline_harmless]
+    inducing = [
+        s for s in searched if s.refusal_induced is not None and s.refusal_induced > baseline_harmless + MIN_INDUCED
+    ]
     bounds = [t["kl_bound"] for s in inducing for t in s.trials]
     if not induce and refused == 0:
         return (
