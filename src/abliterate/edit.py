@@ -464,9 +464,7 @@ def trial_edit(
                    if c is not None and hasattr(c, "tie_word_embeddings")]  # fmt: skip
     saved = [(t.tensor, t.tensor.detach().clone()) for t in edit_targets(model, arch, direction, params)]
     try:
-        for tensor, _ in saved:
-            check_editable("a tensor to edit", tensor)
-        orthogonalize(model, arch, direction, params)  # unties tied embeddings first; re-tied below
+        orthogonalize(model, arch, direction, params)  # checks every target before editing any; unties (re-tied below)
         yield
     finally:
         with torch.no_grad():
